@@ -1,0 +1,163 @@
+"""
+Tokenizer for ThreadWeaver Lab: a byte-level "character" tokenizer for the toy tasks,
+plus the helper that teaches a real Qwen3 tokenizer and model the thread tags.
+
+Design choices:
+- One token per byte. The synthetic tasks are tiny (digits, letters, a few symbols), so a
+  learned BPE would only hide the arithmetic from the model. Every byte of any UTF-8
+  string is exactly one token, so there is no unknown token and decode(encode(s)) == s.
+- It is still a *BPE* model (with no merges) over the 256 GPT-2 byte-to-unicode
+  characters, with a ByteLevel pre-tokenizer and decoder, i.e. the same machinery as
+  Qwen3/GPT-2. That matters later: llama.cpp's GGUF converter understands this layout,
+  and whitespace must be spelled `Ġ` (space) and `Ċ` (newline) or it is dropped.
+  (The converter also wants at least one merge rule; that is its concern, not ours.)
+- Every ThreadWeaver tag (`<Parallel>`, `<Thread>`, ...) is ONE special token, as in the
+  paper: a tag is a single decision for the model and a single stop string for inference.
+- Fixed id layout, so checkpoints and tests never depend on insertion order:
+      with_tags=True : 0 <|pad|>, 1 <|endoftext|>, 2..11 TAGS (in TAGS order), 12..267 bytes
+      with_tags=False: 0 <|pad|>, 1 <|endoftext|>,                             2..257 bytes
+  Byte b always has id `n_special + b` (bytes sorted by value), so the relative order of
+  the byte ids is the same in both layouts. add_thread_tokens() on the with_tags=False
+  tokenizer appends the tags at 258..267 (the usual "extend a pretrained vocab" path).
+- No post-processor: encode() adds no BOS/EOS, like Qwen3. Callers append eos themselves.
+- The tags are *special*, so decode(..., skip_special_tokens=True) removes them: decode
+  trajectories with skip_special_tokens=False.
+"""
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"
+
+TAGS = (
+    "<think>", "</think>",
+    "<Parallel>", "</Parallel>",
+    "<Outlines>", "</Outlines>",
+    "<Outline>", "</Outline>",
+    "<Thread>", "</Thread>",
+)
+
+MODEL_MAX_LENGTH = 4096
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character map.
+
+    Printable Latin-1 bytes map to themselves; the rest (control chars, space, ...) are
+    shifted to code points >= 256 so that no token is whitespace or invisible. Written out
+    here because transformers 5 no longer exports it and the table must never change.
+    """
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    shift = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + shift)
+            shift += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def special_tokens(with_tags: bool = True) -> list[str]:
+    """Special tokens in id order (they occupy ids 0..n-1)."""
+    return [PAD_TOKEN, EOS_TOKEN, *(TAGS if with_tags else ())]
+
+
+def build_tokenizer(with_tags: bool = True) -> PreTrainedTokenizerFast:
+    """Build the byte-level tokenizer (see the module docstring for the id layout)."""
+    specials = special_tokens(with_tags)
+    vocab = {token: i for i, token in enumerate(specials)}
+    byte_chars = bytes_to_unicode()
+    for b in range(256):
+        vocab[byte_chars[b]] = len(vocab)
+
+    # A BPE with no merges over the byte alphabet: every byte stays one token.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # use_regex=False: no GPT-2 word splitting, we want raw bytes; no prefix space,
+    # so encode("1+2") does not silently become " 1+2".
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    # The special tokens already sit in the model vocab, so registering them as added
+    # tokens keeps their ids (0, 1, 2, ...) and makes the matcher treat each as one unit.
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+
+    tags = [AddedToken(t, special=True, normalized=False) for t in TAGS] if with_tags else []
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        extra_special_tokens=tags,
+        model_max_length=MODEL_MAX_LENGTH,
+        padding_side="right",
+    )
+
+
+def tag_ids(tokenizer) -> dict[str, int]:
+    """Map each tag to its token id; ValueError naming the tags that are not single tokens.
+
+    Checking that encode(tag) is exactly one id (not just that the string is in the vocab)
+    catches vocabularies where the tag exists but the pre-tokenizer would split it.
+    """
+    vocab = tokenizer.get_vocab()
+    ids, missing = {}, []
+    for tag in TAGS:
+        encoded = tokenizer.encode(tag, add_special_tokens=False)
+        if tag in vocab and encoded == [vocab[tag]]:
+            ids[tag] = vocab[tag]
+        else:
+            missing.append(tag)
+    if missing:
+        raise ValueError(f"tokenizer lacks single-token tags: {', '.join(missing)}")
+    return ids
+
+
+def _mean_rows(weight, rows: list[int]):
+    """Mean of the given rows of an embedding-like matrix, in float32 for accuracy."""
+    return weight[rows].float().mean(dim=0).to(weight.dtype)
+
+
+def add_thread_tokens(model, tokenizer) -> list[str]:
+    """Add the missing TAGS to tokenizer and model; return the tags added (idempotent).
+
+    Each new embedding row starts as the mean of the rows of the pieces the tag string
+    was split into before it became a token (e.g. "<", "Parallel", ">"), as the
+    ThreadWeaver reference does: the model starts from something close to what it
+    already read for that text instead of from noise. An untied lm_head gets the same
+    treatment from its own rows. Works for real Qwen3 tokenizers and for the
+    build_tokenizer(with_tags=False) tokenizer.
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [tag for tag in TAGS if tag not in vocab]
+    # Record how the tags split *before* adding them; afterwards they are one token.
+    pieces = {tag: tokenizer.encode(tag, add_special_tokens=False) for tag in missing}
+    if missing:
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": [AddedToken(t, special=True, normalized=False) for t in missing]},
+            replace_extra_special_tokens=False,
+        )
+
+    # Only grow: real Qwen3 checkpoints pad the embedding (151,936 rows) beyond the
+    # tokenizer (151,669 entries), so new ids may already have rows. mean_resizing off:
+    # we set the new rows ourselves below, and its covariance sampling is slow on big vocabs.
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if not missing:
+        return []
+
+    new_ids = {tag: tokenizer.convert_tokens_to_ids(tag) for tag in missing}
+    inputs = model.get_input_embeddings().weight
+    outputs = model.get_output_embeddings()
+    untied = outputs is not None and outputs.weight is not inputs
+    with torch.no_grad():
+        for tag in missing:
+            inputs[new_ids[tag]] = _mean_rows(inputs, pieces[tag])
+            if untied:
+                outputs.weight[new_ids[tag]] = _mean_rows(outputs.weight, pieces[tag])
+    return missing
+
