@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from twlib.format import path_stats
 from twlib import tasks
 from twlib.tasks import (
     TASKS, GroupSumConfig, MultiplyConfig, Problem, extract_answer, generate, get_task, grade, load_parquet,
@@ -271,7 +272,6 @@ def test_token_lengths(gs):
 def test_oracle_ceiling_default_mix(gs):
     c = oracle_ceiling(gs)
     print()
-    print(f"counter: {c['counter']}")
     print(tasks.format_ceiling(c))
     print(c["lengths"])
     assert c["self_parallelism"] >= 1.5
@@ -288,18 +288,12 @@ def test_oracle_ceiling_default_mix(gs):
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_path_counters_agree(task):
     probs = generate(task, 200, seed=11)
-    fmt = None
-    try:
-        from twlib.format import path_stats as fmt
-    except Exception:
-        pass
+    from twlib.format import path_stats
+
     for p in probs:
         for text in (p.sequential, p.parallel):
-            mine = path(text)
-            assert tasks._path_total_longest(text) == mine
-            if fmt is not None:
-                s = fmt(text)
-                assert (s.total, s.longest) == mine
+            s = path_stats(text)
+            assert (s.total, s.longest) == path(text)
 
 
 def test_counter_on_hand_example():
@@ -308,7 +302,8 @@ def test_counter_on_hand_example():
     # sequential: <think> \n <Parallel> \n <Outlines> \n (6) (6) </Outlines> \n <Thread></Thread>x2 \n </Parallel> \n q </think>
     seq = 1 + 1 + 1 + 1 + 1 + 1 + 6 + 6 + 1 + 1 + 4 + 1 + 1 + 1 + 1 + 1
     assert path(text) == (seq + 6 + 5, seq + 6)  # bodies "\n1:xy\n" (6) and "\n2:z\n" (5)
-    assert tasks._path_total_longest(text) == path(text)
+    s = path_stats(text)
+    assert (s.total, s.longest) == path(text)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,13 +428,3 @@ def test_parquet_round_trip(task, tmp_path):
     assert tasks.from_dataset(ds) == probs
 
 
-def test_oracle_ceiling_fallback_counter(monkeypatch, gs):
-    """Without twlib.format the module's own counter gives the same numbers."""
-    import sys
-
-    with_format = oracle_ceiling(gs[:200])
-    monkeypatch.setitem(sys.modules, "twlib.format", None)  # makes `from twlib.format import ...` fail
-    without = oracle_ceiling(gs[:200])
-    assert without["counter"] == "twlib.tasks fallback counter"
-    assert without["speedup"] == pytest.approx(with_format["speedup"])
-    assert without["self_parallelism"] == pytest.approx(with_format["self_parallelism"])

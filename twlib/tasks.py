@@ -28,8 +28,8 @@ Design choices, and why
   includes single-group problems, which stay sequential.
 - The combine line is always written, also for one group (`6=6`), so the step after the last group is
   the same in every problem.
-- Token counting for the oracle ceiling: `twlib.format.path_stats` when importable (tags one token, every
-  other character one token; response tokens only), else a private copy of the same rule here.
+- Token counting for the oracle ceiling: `twlib.format.path_stats` (tags one token, every other
+  character one token; response tokens only).
 - Deterministic: one `random.Random(seed)` stream per call; ids hash the question, so they are stable.
 """
 
@@ -518,69 +518,6 @@ def split(problems: Sequence[Problem], n_eval: int, seed: int = 0) -> tuple[list
 # ----------------------------------------------------------------------------------------------------
 # Oracle ceiling (critical-path statistics of the perfect trajectories)
 
-# Private copy of the counting rule of `twlib.format.path_stats` (spec section 3), used only when that
-# module cannot be imported: each tag is one token, every other character one token; inside a block the
-# thread bodies (between <Thread> and </Thread>) count as the max over threads, the rest sequentially.
-_TAGS = ("<think>", "</think>", "<Parallel>", "</Parallel>", "<Outlines>", "</Outlines>",
-         "<Outline>", "</Outline>", "<Thread>", "</Thread>")
-_TAG_RE = re.compile("|".join(re.escape(t) for t in _TAGS))
-
-
-def _units(text: str) -> list[str]:
-    units, pos = [], 0
-    for m in _TAG_RE.finditer(text):
-        units.extend(text[pos:m.start()])
-        units.append(m.group(0))
-        pos = m.end()
-    units.extend(text[pos:])
-    return units
-
-
-def _count_tokens(text: str) -> int:
-    return len(_units(text))
-
-
-def _path_total_longest(text: str) -> tuple[int, int]:
-    """(total, longest) under the spec's rule; tolerant of unclosed threads/blocks."""
-    total = seq = 0
-    in_block = in_thread = False
-    cur, lengths = 0, []
-    for u in _units(text):
-        total += 1
-        if in_thread and u not in ("</Thread>", "</Parallel>"):
-            cur += 1
-            continue
-        if in_thread:
-            lengths.append(cur)
-            in_thread = False
-        seq += 1
-        if u == "<Parallel>" and not in_block:
-            in_block, lengths = True, []
-        elif u == "<Thread>" and in_block:
-            in_thread, cur = True, 0
-        elif u == "</Parallel>" and in_block:
-            seq += max(lengths, default=0)
-            in_block = False
-    if in_thread:
-        lengths.append(cur)
-    if in_block:
-        seq += max(lengths, default=0)
-    return total, seq
-
-
-def _stats_fn() -> tuple[Callable[[str], tuple[int, int]], str]:
-    try:
-        from twlib.format import path_stats  # lazy: this module must import without twlib.format
-    except Exception:
-        return _path_total_longest, "twlib.tasks fallback counter"
-
-    def fn(text: str) -> tuple[int, int]:
-        s = path_stats(text)
-        return s.total, s.longest
-
-    return fn, "twlib.format.path_stats"
-
-
 def oracle_ceiling(problems: Sequence[Problem], by: str | None = None) -> dict:
     """Critical-path statistics of the perfect trajectories (response tokens only; tags = 1 token).
 
@@ -592,17 +529,19 @@ def oracle_ceiling(problems: Sequence[Problem], by: str | None = None) -> dict:
     Counts characters (plus one per tag), which is the tiny character-level tokenizer's count; for the
     multiplication task with a real BPE tokenizer, use `twlib.format.path_stats(text, tokenizer)` instead.
     """
-    fn, counter = _stats_fn()
+    from twlib.format import path_stats
+
     rows = []
     for p in problems:
-        total, longest = fn(p.parallel)
-        seq = _count_tokens(p.sequential)
+        stats = path_stats(p.parallel)
+        total, longest = stats.total, stats.longest
+        seq = path_stats(p.sequential).total
         key = by or (TASKS[p.task].ceiling_key if p.task in TASKS else None)
         rows.append({
             "size": p.meta.get(key) if key else None,
             "parallel": p.parallel != p.sequential,
             "seq": seq, "total": total, "longest": longest,
-            "prompt": _count_tokens(p.prompt),
+            "prompt": path_stats(p.prompt).total,
             "self_par": total / longest if longest else 1.0,
             "speedup": seq / longest if longest else 1.0,
         })
@@ -621,7 +560,6 @@ def oracle_ceiling(problems: Sequence[Problem], by: str | None = None) -> dict:
         }
 
     out = summary(rows)
-    out["counter"] = counter
     sizes = sorted({r["size"] for r in rows}, key=lambda s: (s is None, s))
     out["per_size"] = {s: summary([r for r in rows if r["size"] == s]) for s in sizes}
     if rows:
