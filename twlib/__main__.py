@@ -1,0 +1,3 @@
+from twlib.cli import main
+
+raise SystemExit(main())

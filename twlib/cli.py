@@ -1,0 +1,134 @@
+"""Command line: `python -m twlib COMMAND` (or the `twlib` script).
+
+    python -m twlib demo [--out runs/demo] [--n-train 2000] [--n-eval 500] [--seed 0]
+    python -m twlib data --task groupsum --n-train 2000 --n-eval 500 --out data/
+
+Design choices
+- The demo is the project's main job: it runs every stage that exists, prints what a learner should look
+  at, and writes its tables as CSV next to the data, so numbers in the README can be re-derived.
+- Same code as the notebooks: every number comes from twlib functions (tasks, format, trie).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def build_data(task: str, n_train: int, n_eval: int, seed: int, out: Path) -> tuple[list, list]:
+    from twlib.tasks import make_splits, save_parquet
+
+    train, evals = make_splits(task, n_train, n_eval, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    save_parquet(train, out / f"{task}-train.parquet")
+    save_parquet(evals, out / f"{task}-eval.parquet")
+    return train, evals
+
+
+def trie_stats(problems, tokenizer, budgets=(1024, 4096)) -> tuple[list[dict], dict]:
+    """Per problem: calls, tokens of the calls run separately, trie tokens, trained tokens, sequential tokens."""
+    from twlib.format import engine_calls
+    from twlib.trie import collate, pack, tokenize_calls
+
+    rows, tries = [], []
+    for p in problems:
+        pairs = tokenize_calls(engine_calls(p.parallel, p.prompt), tokenizer)
+        packed = pack(pairs)
+        tries.append(packed)
+        seq = len(tokenizer.encode(p.prompt + p.sequential, add_special_tokens=False)) + 1
+        rows.append({
+            "id": p.id, "k": p.meta.get("k"), "calls": len(pairs),
+            "separate_tokens": sum(len(c) + len(d) for c, d in pairs),
+            "trie_tokens": packed.shape[1], "trained_tokens": packed.num_trained, "sequential_tokens": seq,
+        })
+    summary = {
+        "problems": len(rows),
+        "mean_calls": statistics.fmean(r["calls"] for r in rows),
+        "separate_over_trie": sum(r["separate_tokens"] for r in rows) / sum(r["trie_tokens"] for r in rows),
+        "trie_over_sequential": sum(r["trie_tokens"] for r in rows) / sum(r["sequential_tokens"] for r in rows),
+    }
+    for budget in budgets:
+        batch = collate(tries, max_tokens=budget)
+        summary[f"rows@{budget}"] = batch.shape[0]
+        summary[f"fill@{budget}"] = batch.num_tokens / (batch.shape[0] * budget)
+    return rows, summary
+
+
+def demo(args) -> int:
+    from twlib.tasks import format_ceiling, oracle_ceiling
+    from twlib.tokenizer import build_tokenizer
+
+    out = Path(args.out)
+    start = time.perf_counter()
+    print(f"== 1. data: the tiny task (groupsum) and the multiplication task, seed {args.seed}")
+    train, evals = build_data("groupsum", args.n_train, args.n_eval, args.seed, out / "data")
+    mult_train, mult_eval = build_data("multiply", max(args.n_train // 10, 10), max(args.n_eval // 5, 10),
+                                       args.seed, out / "data")
+    print(f"groupsum: {len(train)} train / {len(evals)} eval; multiply: {len(mult_train)} / {len(mult_eval)}"
+          f" -> {out / 'data'}")
+    example = next(p for p in evals if p.meta.get("k") == 2)
+    print("\nexample question:", example.question)
+    print("parallel response:\n" + example.parallel)
+
+    print("\n== 2. oracle ceiling: perfect trajectories, response tokens (tags = 1 token)")
+    ceiling = oracle_ceiling(evals)
+    print(format_ceiling(ceiling))
+    mult = oracle_ceiling(mult_eval)
+    print(f"multiply (characters): self-parallelism {mult['self_parallelism']:.3f}, "
+          f"speed-up {mult['speedup']:.3f}")
+    _write_csv(out / "ceiling.csv", [
+        {"task": "groupsum", "k": k, **{m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()}}
+        for k, r in list(ceiling["per_size"].items()) + [("all", ceiling)] if r.get("n")
+        for r in [{key: r[key] for key in ("n", "frac_parallel", "self_parallelism", "speedup",
+                                             "mean_seq_tokens", "mean_longest")}]
+    ])
+
+    print("\n== 3. tries: the state machine's calls packed into one row per trajectory")
+    tokenizer = build_tokenizer()
+    rows, summary = trie_stats(train, tokenizer)
+    _write_csv(out / "trie_stats.csv", rows)
+    print(f"calls per trajectory       {summary['mean_calls']:.2f}")
+    print(f"tokens if every call ran separately / trie tokens   {summary['separate_over_trie']:.2f}x")
+    print(f"trie tokens / sequential trajectory tokens          {summary['trie_over_sequential']:.2f}x")
+    for budget in (1024, 4096):
+        print(f"rows of {budget:>4} tokens: {summary[f'rows@{budget}']:>5} ({100 * summary[f'fill@{budget}']:.1f}% filled)")
+    print(f"\nwrote {out / 'ceiling.csv'} and {out / 'trie_stats.csv'} in {time.perf_counter() - start:.1f} s")
+    print("next: notebooks/01_trajectory_format and 02_trie_masking (python3 lab.py lab)")
+    return 0
+
+
+def data(args) -> int:
+    train, evals = build_data(args.task, args.n_train, args.n_eval, args.seed, Path(args.out))
+    print(f"{args.task}: {len(train)} train / {len(evals)} eval -> {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="twlib", description="ThreadWeaver Lab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="the main job: data, oracle ceiling, trie statistics")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-eval", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=demo)
+    p = sub.add_parser("data", help="generate a task's train/eval splits as Parquet")
+    p.add_argument("--task", default="groupsum")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-eval", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="data")
+    p.set_defaults(fn=data)
+    args = parser.parse_args(argv)
+    return args.fn(args)
