@@ -28,3 +28,4 @@ def random_trajectory(rng: random.Random, max_blocks: int = 3, max_threads: int 
 @pytest.fixture
 def rng():
     return random.Random(1234)
+

@@ -52,7 +52,7 @@ def test_trajectory_merges_text_segments():
     ("<Parallel>\n<Outlines>\n<Outline>1:a</Outline>\n<Outline>2:b</Outline>\n</Outlines>\n"
      "<Thread>\n1:x\n</Thread>\n<Thread>\n2:y\n</Thread>\n</Parallel>", "text between sibling threads", 8, 10),
     ("<Parallel>\n<Outlines>\n<Outline>1:a</Outline>\n<Outline>2:b</Outline>\n</Outlines>\n"
-     "<Thread>\n1:x\n</Thread>\n</Parallel>", "2 outlines but 1 threads", 8, 10),
+     "<Thread>\n1:x\n</Thread>\n</Parallel>", "2 outlines but 1 thread", 8, 10),
     ("<Parallel>\n<Outlines>\n<Outline>1:a</Outline>\n</Outlines>\n<Thread>\n1: \n</Thread>\n</Parallel>",
      "empty thread 1", 5, 1),
     ("<Parallel>\n<Outlines>\n<Outline>1:a</Outline>\n</Outlines>\n<Thread>\n1:x</Thread>\n</Parallel>",

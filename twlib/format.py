@@ -238,7 +238,8 @@ class _Parser:
                 self.fail("text between sibling threads: expected '</Thread><Thread>'")
             break
         if len(threads) != len(outlines):
-            self.fail(f"block has {len(outlines)} outlines but {len(threads)} threads")
+            plural = lambda n, word: f"{n} {word}" + ("" if n == 1 else "s")
+            self.fail(f"block has {plural(len(outlines), 'outline')} but {plural(len(threads), 'thread')}")
         tail_at = self.pos
         tail = self.text_until(PARALLEL_CLOSE, PARALLEL_OPEN, start)
         if not tail.startswith("\n"):
