@@ -1,0 +1,157 @@
+"""twlib.decoding: the state machine reproduces the trainer's calls, survives adversarial engines, and
+HFEngine's batched / forked / padded decoding equals decoding each request alone."""
+
+import random
+
+import pytest
+import torch
+
+from twlib.decoding import (
+    Completion, DecodeConfig, HFEngine, ParallelDecoder, Request, SamplingParams, sequential_decoder,
+)
+from twlib.format import engine_calls, path_stats
+from twlib.tasks import generate
+from twlib.tokenizer import build_tokenizer
+from twlib.trie import tokenize_calls
+from conftest import random_trajectory
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+class OracleEngine:
+    """Answers each request with the completion the trajectory's own calls give for that context."""
+
+    max_context = 100_000
+
+    def __init__(self, table):
+        self.table = table
+        self.batches = []
+
+    def generate(self, requests, sampling):
+        self.batches.append(len(requests))
+        outs = []
+        for r in requests:
+            ids = self.table[tuple(r.prompt_ids)]
+            assert len(ids) <= r.max_new_tokens
+            outs.append(Completion(list(ids), "stop"))
+        return outs
+
+
+def oracle_for(text, prompt, tok):
+    pairs = tokenize_calls(engine_calls(text, prompt), tok, add_eos=True)
+    return OracleEngine({tuple(c): d for c, d in pairs}), pairs
+
+
+@pytest.mark.parametrize("mode", ["batched", "serial"])
+def test_state_machine_reproduces_engine_calls(tok, rng, mode):
+    problems = generate("groupsum", 30, seed=3)
+    cases = [(p.parallel, p.prompt) for p in problems] + [(random_trajectory(rng).render(), "Q:\n") for _ in range(30)]
+    for text, prompt in cases:
+        engine, pairs = oracle_for(text, prompt, tok)
+        decoder = ParallelDecoder(engine, tok, DecodeConfig(max_new_tokens=10_000, thread_mode=mode))
+        result = decoder.decode(tok.encode(prompt))
+        assert result.text == text
+        assert result.finished and result.valid and not result.flags
+        assert [(c.context_ids, c.completion_ids) for c in result.calls] == pairs
+        assert result.stats == path_stats(text)
+        kinds = [c.kind for c in result.calls]
+        assert kinds == [c.kind for c in engine_calls(text, prompt)]
+        blocks = path_stats(text).blocks
+        if mode == "batched":  # one engine call per block of threads
+            assert len(engine.batches) == kinds.count("sequential") + blocks
+        else:
+            assert len(engine.batches) == len(kinds)
+
+
+def test_many_problems_share_engine_calls(tok):
+    problems = generate("groupsum", 8, seed=4)
+    table = {}
+    for p in problems:
+        table.update(oracle_for(p.parallel, p.prompt, tok)[0].table)
+    engine = OracleEngine(table)
+    decoder = ParallelDecoder(engine, tok, DecodeConfig(max_new_tokens=10_000))
+    results = decoder.decode([tok.encode(p.prompt) for p in problems], batch_size=8)
+    assert [r.text for r in results] == [p.parallel for p in problems]
+    assert max(engine.batches) > 8  # threads of several problems in one engine call
+
+
+class ScriptedEngine:
+    """Adversarial: answers every request with `script(request, rng)`, capped at max_new_tokens."""
+
+    def __init__(self, script, seed=0, max_context=600):
+        self.script, self.rng, self.calls = script, random.Random(seed), 0
+        self.max_context = max_context
+
+    def generate(self, requests, sampling):
+        outs = []
+        for r in requests:
+            self.calls += 1
+            assert len(r.prompt_ids) + r.max_new_tokens <= self.max_context
+            ids = list(self.script(r, self.rng))
+            cut = [i for i, t in enumerate(ids) if t in r.stop_ids]
+            if cut and cut[0] < r.max_new_tokens:
+                outs.append(Completion(ids[: cut[0] + 1], "stop"))
+            else:
+                outs.append(Completion(ids[: r.max_new_tokens], "length"))
+        return outs
+
+
+def scripts(tok):
+    enc = lambda s: tok.encode(s, add_special_tokens=False)
+    eos = tok.eos_token_id
+    many = enc("<Parallel>\n<Outlines>\n" + "".join(f"<Outline>{i}:</Outline>\n" for i in range(1, 301)) + "</Outlines>")
+    vocab = list(range(len(tok)))
+    return {
+        "never_close_thread": lambda r, g: enc("<Parallel>\n<Outlines>\n<Outline>1:a</Outline>\n</Outlines>") if r.prompt_ids[-1] != enc(":")[0] else enc("x") * 10_000,
+        "hundreds_of_outlines": lambda r, g: many if r.prompt_ids[-1] != enc(":")[0] else enc("y\n</Thread>"),
+        "no_outline_numbers": lambda r, g: enc("<Parallel>\n<Outlines>\n<Outline>plan</Outline>\n</Outlines>"),
+        "eos_mid_thread": lambda r, g: enc("<Outlines>\n<Outline>1:a</Outline>\n<Outline>2:b</Outline>\n</Outlines>") if r.prompt_ids[-1] != enc(":")[0] else enc("abc") + [eos],
+        "duplicates": lambda r, g: enc("<Outlines>\n<Outline>1:a</Outline>\n<Outline>1:b</Outline>\n</Outlines>") if r.prompt_ids[-1] != enc(":")[0] else enc("z\n</Thread>"),
+        "blocks_forever": lambda r, g: enc("<Outlines>\n<Outline>1:a</Outline>\n</Outlines>") if r.prompt_ids[-1] != enc(":")[0] else enc("q\n</Thread>"),
+        "never_stop": lambda r, g: enc("text ") * 10_000,
+        "random_tokens": lambda r, g: [g.choice(vocab) for _ in range(g.randint(0, 80))] + ([eos] if g.random() < 0.1 else []),
+    }
+
+
+EXPECTED_FLAG = {
+    "never_close_thread": "thread_unclosed", "hundreds_of_outlines": "too_many_threads",
+    "no_outline_numbers": "no_outlines", "eos_mid_thread": "thread_eos", "duplicates": "duplicate_outlines",
+    "never_stop": "context_overflow",
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_FLAG) + ["blocks_forever", "random_tokens"])
+def test_adversarial_engines_terminate_within_caps(tok, name):
+    many = name == "hundreds_of_outlines"
+    budget = {"hundreds_of_outlines": 4000, "never_stop": 2000}.get(name, 400)
+    config = DecodeConfig(max_new_tokens=budget, max_thread_tokens=60, max_threads=8, max_iterations=5)
+    engine = ScriptedEngine(scripts(tok)[name], max_context=8000 if many else 600)
+    decoder = ParallelDecoder(engine, tok, config)
+    for seed in range(20 if name == "random_tokens" else 1):
+        engine.rng.seed(seed)
+        result = decoder.decode(tok.encode("prompt\n"))
+        generated = sum(len(c.completion_ids) for c in result.calls)
+        assert generated <= config.max_new_tokens
+        assert len(result.prompt_ids) + len(result.response_ids) <= engine.max_context + 5
+        assert sum(c.kind == "thread" for c in result.calls) <= config.max_threads * (config.max_iterations + 1)
+        if name in EXPECTED_FLAG:
+            assert EXPECTED_FLAG[name] in result.flags, result.flags
+    if name == "blocks_forever":
+        assert "iteration_cap" in result.flags or "token_budget" in result.flags
+
+
+def test_sequential_decoder_ignores_outlines(tok):
+    text = "<think>\nplain reasoning\n</think>\n\\boxed{3}"
+    engine, pairs = oracle_for(text, "Q\n", tok)
+    result = sequential_decoder(engine, tok).decode(tok.encode("Q\n"))
+    assert result.text == text and len(result.calls) == 1 and result.stats.speedup == 1.0
+
+
+def test_decoder_requires_single_token_tags():
+    plain = build_tokenizer(with_tags=False)
+    with pytest.raises(ValueError, match="single token"):
+        ParallelDecoder(OracleEngine({}), plain)
+
