@@ -1,0 +1,63 @@
+"""twlib.eval: grading, summaries and the paper's speed-up definitions, on oracle-decoded problems."""
+
+import pytest
+
+from twlib.decoding import DecodeConfig, ParallelDecoder, sequential_decoder
+from twlib.eval import compare, evaluate, pareto_figure, read_rows, speedup_histogram, summarize, write_rows
+from twlib.format import path_stats
+from twlib.tasks import generate
+from twlib.tokenizer import build_tokenizer
+from test_decoding import OracleEngine, oracle_for
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = build_tokenizer()
+    problems = generate("groupsum", 24, seed=9)
+    par_table, seq_table = {}, {}
+    for p in problems:  # two oracle "models": one answers with the parallel, one with the sequential form
+        par_table.update(oracle_for(p.parallel, p.prompt, tok)[0].table)
+        seq_table.update(oracle_for(p.sequential, p.prompt, tok)[0].table)
+    config = DecodeConfig(max_new_tokens=5000)
+    par = evaluate(ParallelDecoder(OracleEngine(par_table), tok, config), problems, tok, progress=False)
+    seq = evaluate(sequential_decoder(OracleEngine(seq_table), tok, config), problems, tok, progress=False)
+    return tok, problems, par, seq
+
+
+def test_perfect_trajectories_score_perfectly(setup):
+    tok, problems, par, seq = setup
+    s = summarize(par)
+    assert s["accuracy"] == 1.0 and s["format_valid"] == 1.0 and s["flagged"] == 0.0
+    assert s["parallel_rate"] == pytest.approx(sum(p.parallel != p.sequential for p in problems) / len(problems))
+    assert summarize(seq)["parallel_rate"] == 0.0
+
+
+def test_speedup_is_a_mean_of_per_problem_ratios(setup):
+    tok, problems, par, seq = setup
+    c = compare(par, seq)
+    want = [path_stats(p.sequential).total / path_stats(p.parallel).longest for p in problems]
+    assert c["speedup"]["mean"] == pytest.approx(sum(want) / len(want))
+    assert c["speedup"]["max"] == pytest.approx(max(want))
+    assert c["speedup_correct"]["mean"] == pytest.approx(c["speedup"]["mean"])  # all correct
+    assert c["accuracy_parallel"] == c["accuracy_sequential"] == 1.0
+
+
+def test_wrong_answers_are_graded_wrong(setup):
+    tok, problems, par, seq = setup
+    wrong = [p.__class__(**{**p.__dict__, "answer": str((int(p.answer) + 1) % 10)}) for p in problems[:5]]
+    table = {}
+    for p in problems[:5]:
+        table.update(oracle_for(p.parallel, p.prompt, tok)[0].table)
+    rows = evaluate(ParallelDecoder(OracleEngine(table), tok, DecodeConfig(max_new_tokens=5000)), wrong, tok,
+                    progress=False)
+    assert summarize(rows)["accuracy"] == 0.0
+
+
+def test_rows_round_trip_and_figures(setup, tmp_path):
+    tok, problems, par, seq = setup
+    write_rows(tmp_path / "rows.csv", par)
+    assert read_rows(tmp_path / "rows.csv") == par
+    assert len(speedup_histogram(par, seq).data) == 2
+    assert len(pareto_figure({"a": (1, 2)}, {"b": (3, 4)}).data) == 2
+    with pytest.raises(ValueError):
+        compare(par[:3], seq[1:4])

@@ -1,0 +1,178 @@
+"""Evaluation: accuracy, format, critical paths, speed-ups and wall clock, with the paper's figures.
+
+Design choices
+- Per-problem rows first, summaries second: every number a notebook prints is an aggregate of a table
+  that is saved as CSV next to it, so it can be checked and re-plotted.
+- Token latency = the critical path L of the response (response tokens only, EOS excluded; spec
+  section 3). Speed-up of a parallel model over a sequential one = the mean over problems of
+  (sequential model's tokens) / (parallel model's L), the paper's definition (a mean of ratios, not a
+  ratio of means). Reported over all problems and over the problems the parallel model got right.
+- Wall-clock speed-up = total sequential seconds / total parallel seconds, one problem at a time (batch 1,
+  the paper's setting), and its ratio to the token-latency speed-up (1.0 is the limit: the state machine
+  cannot beat its critical path).
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from twlib.tasks import extract_answer, grade
+
+
+@dataclass
+class ProblemResult:
+    id: str
+    k: int | None
+    answer: str
+    predicted: str | None
+    correct: bool
+    valid: bool
+    parallel: bool  # the response has at least one block
+    finished: bool
+    flags: str
+    total: int
+    longest: int
+    eta: float
+    threads: int
+    blocks: int
+    seconds: float
+    text: str
+
+
+def evaluate(decoder, problems, tokenizer, batch_size: int = 1, progress: bool = True) -> list[ProblemResult]:
+    """Decode every problem's prompt with `decoder` (a ParallelDecoder or sequential decoder) and grade it."""
+    from tqdm.auto import tqdm
+
+    prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems]
+    bar = tqdm(total=len(problems), desc="decode", disable=not progress, leave=False)
+    results = decoder.decode(prompts, batch_size=batch_size, progress=bar.update)
+    bar.close()
+    rows = []
+    for p, r in zip(problems, results):
+        rows.append(ProblemResult(
+            id=p.id, k=p.meta.get("k"), answer=p.answer, predicted=extract_answer(r.text),
+            correct=grade(r.text, p.answer, p.task), valid=r.valid, parallel=r.stats.blocks > 0,
+            finished=r.finished, flags=";".join(r.flags), total=r.stats.total, longest=r.stats.longest,
+            eta=r.stats.eta, threads=r.stats.threads, blocks=r.stats.blocks, seconds=r.seconds, text=r.text))
+    return rows
+
+
+def summarize(rows: Sequence[ProblemResult]) -> dict:
+    n = len(rows)
+    return {
+        "problems": n,
+        "accuracy": sum(r.correct for r in rows) / n,
+        "format_valid": sum(r.valid for r in rows) / n,
+        "parallel_rate": sum(r.parallel for r in rows) / n,
+        "mean_eta": statistics.fmean(r.eta for r in rows),
+        "mean_total_tokens": statistics.fmean(r.total for r in rows),
+        "mean_token_latency": statistics.fmean(r.longest for r in rows),
+        "seconds": sum(r.seconds for r in rows),
+        "flagged": sum(bool(r.flags) for r in rows) / n,
+    }
+
+
+def speedups(parallel: Sequence[ProblemResult], sequential: Sequence[ProblemResult]) -> list[float]:
+    """Per problem: sequential model's tokens / parallel model's critical path (same problems, same order)."""
+    if [r.id for r in parallel] != [r.id for r in sequential]:
+        raise ValueError("parallel and sequential results must cover the same problems in the same order")
+    return [s.total / max(p.longest, 1) for p, s in zip(parallel, sequential)]
+
+
+def compare(parallel: Sequence[ProblemResult], sequential: Sequence[ProblemResult]) -> dict:
+    """The paper's comparison table: speed-up distribution (all / correct-only) and wall clock."""
+    ups = speedups(parallel, sequential)
+    correct = [u for u, p in zip(ups, parallel) if p.correct]
+
+    def dist(values):
+        if not values:
+            return {"mean": float("nan"), "median": float("nan"), "max": float("nan")}
+        return {"mean": statistics.fmean(values), "median": statistics.median(values), "max": max(values)}
+
+    token = dist(ups)
+    wall = sum(s.seconds for s in sequential) / max(sum(p.seconds for p in parallel), 1e-9)
+    return {
+        "speedup": token, "speedup_correct": dist(correct),
+        "wall_clock_speedup": wall, "wall_over_token": wall / token["mean"],
+        "accuracy_parallel": sum(p.correct for p in parallel) / len(parallel),
+        "accuracy_sequential": sum(s.correct for s in sequential) / len(sequential),
+    }
+
+
+def write_rows(path, rows: Sequence[ProblemResult]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+
+
+def read_rows(path) -> list[ProblemResult]:
+    types = ProblemResult.__annotations__
+    out = []
+    with Path(path).open() as f:
+        for row in csv.DictReader(f):
+            values = {}
+            for key, value in row.items():
+                kind = types[key]
+                if "bool" in kind:
+                    values[key] = value == "True"
+                elif kind.startswith("int"):
+                    values[key] = int(value) if value not in ("", "None") else None
+                elif kind == "float":
+                    values[key] = float(value)
+                elif "None" in kind:
+                    values[key] = None if value == "" else value
+                else:
+                    values[key] = value
+            out.append(ProblemResult(**values))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures (plotly go.Figure: static in executed notebooks, interactive in JupyterLab)
+
+
+def speedup_histogram(parallel, sequential, title: str = "Speed-up per problem (sequential tokens / critical path)"):
+    import plotly.graph_objects as go
+
+    ups = speedups(parallel, sequential)
+    fig = go.Figure()
+    fig.add_histogram(x=ups, name="all problems", opacity=0.6, xbins={"size": 0.1})
+    fig.add_histogram(x=[u for u, p in zip(ups, parallel) if p.correct], name="parallel model correct",
+                      opacity=0.6, xbins={"size": 0.1})
+    mean = statistics.fmean(ups)
+    fig.add_vline(x=mean, line_dash="dash", annotation_text=f"mean {mean:.2f}x")
+    fig.add_vline(x=1.0, line_color="gray")
+    fig.update_layout(barmode="overlay", title=title, xaxis_title="speed-up", yaxis_title="problems",
+                      height=360)
+    return fig
+
+
+def pareto_figure(points: dict[str, tuple[float, float]], paper: dict[str, tuple[float, float]] | None = None):
+    """Accuracy (%) vs mean token latency for named models; optional paper points on a second panel."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    cols = 2 if paper else 1
+    fig = make_subplots(rows=1, cols=cols, subplot_titles=["this reproduction (tiny task)", "paper (AIME24)"][:cols])
+    for panel, data in enumerate([points] + ([paper] if paper else []), 1):
+        for name, (latency, accuracy) in data.items():
+            fig.add_scatter(x=[latency], y=[accuracy], mode="markers+text", text=[name], textposition="top center",
+                            marker={"size": 12}, name=name, showlegend=False, row=1, col=panel)
+        fig.update_xaxes(title_text="mean token latency (critical path)", row=1, col=panel)
+        fig.update_yaxes(title_text="accuracy (%)", row=1, col=panel)
+    fig.update_layout(title="Accuracy vs token latency (up and to the left is better)", height=380)
+    return fig
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
