@@ -24,9 +24,9 @@ Design choices
 - `HFEngine` runs transformers in process with a custom decode loop: the longest common prefix of a
   batch is prefilled once and its KV cache forked (repeat-interleaved) for the rows; rows of unequal
   suffix length are right-padded inside the cache with masked holes and per-row position ids; finished
-  rows leave the batch. A one-entry prefix cache keeps the KV of the last single-row call, so the threads
-  and the continuation after a join do not prefill the shared prefix again (what prefix caching does in
-  vLLM). Greedy by default; temperature / top-p sampling with a seed.
+  rows leave the batch. A small prefix cache keeps the KV of the last few single-row calls and reuses the
+  entry with the longest common prefix (cropped), so threads and the continuation after a join do not
+  prefill the shared prefix again (what prefix caching does in vLLM). Greedy by default; temperature / top-p sampling with a seed.
 """
 
 from __future__ import annotations
@@ -301,6 +301,14 @@ def _shallow_copy(cache):
     return copy
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 def _sample(logits: torch.Tensor, sampling: SamplingParams, generator) -> torch.Tensor:
     if sampling.temperature <= 0:
         return logits.argmax(-1)
@@ -326,12 +334,13 @@ class HFEngine:
         self.num_threads = num_threads if self.device.type == "cpu" else None
         self.max_context = max_context or model.config.max_position_embeddings
         self.prefix_cache = prefix_cache
-        self._cached: tuple[list[int], object] | None = None  # (ids whose KV is in the cache, cache)
+        self.cache_entries = 4
+        self._entries: list[tuple[list[int], object]] = []  # (ids whose KV is in the cache, cache), newest last
         self.stats = {"calls": 0, "prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
         self._calls = 0
 
     def reset(self) -> None:
-        self._cached = None
+        self._entries = []
         self.stats = dict.fromkeys(self.stats, 0)
 
     def _forward(self, ids, positions, mask, cache):
@@ -340,14 +349,16 @@ class HFEngine:
         return out.logits[:, -ids.shape[1]:], out.past_key_values
 
     def _prefix(self, shared: list[int]):
-        """KV cache for `shared` (batch 1), reusing the prefix cache where it applies."""
+        """KV cache for `shared` (batch 1), starting from the cached entry sharing its longest prefix."""
         from transformers import DynamicCache
 
         cache, have = DynamicCache(), 0
-        if self.prefix_cache and self._cached is not None:
-            ids, cached = self._cached
-            if len(ids) <= len(shared) and shared[: len(ids)] == ids:
-                cache, have = _shallow_copy(cached), len(ids)
+        for ids, cached in self._entries if self.prefix_cache else []:
+            common = _common_prefix(ids, shared)
+            if common > have:
+                cache, have = _shallow_copy(cached), common
+                if common < len(ids):
+                    cache.crop(common - len(ids))  # transformers 5 crops by a negative count
         if have < len(shared):
             rest = torch.tensor([shared[have:]], device=self.device)
             positions = torch.arange(have, len(shared), device=self.device)[None]
@@ -435,5 +446,5 @@ class HFEngine:
             last = logits[:, -1]
         # Keep the KV of a single-row call for the next request that extends it (threads, continuation).
         if self.prefix_cache and rows == 1:
-            self._cached = (prompts[0] + outputs[0][:-1], cache)
+            self._entries = (self._entries + [(prompts[0] + outputs[0][:-1], cache)])[-self.cache_entries:]
         return [Completion(o, f) for o, f in zip(outputs, finish)]
