@@ -219,21 +219,38 @@ def test_groupsum_parses_with_twlib_format(gs):
             assert len(traj.blocks[0].threads) == p.meta["k"]
 
 
-def test_labels_unique_and_random(gs):
-    succ = pairs = 0
+def label_stats(problems):
+    """Fraction of within-group successor pairs, and of first labels of groups that follow the previous group."""
+    inside = inside_succ = across = across_succ = 0
     first = []
-    for p in gs:
-        labels = [lab for _, items in parse_question(p.question) for lab, _ in items]
+    for p in problems:
+        groups = [[lab for lab, _ in items] for _, items in parse_question(p.question)]
+        labels = [lab for g in groups for lab in g]
         assert len(labels) == len(set(labels)) == p.meta["n_items"] <= 26
         assert all(c in string.ascii_lowercase for c in labels)
         first.append(labels[0])
-        for a, b in zip(labels, labels[1:]):
-            if a != "z":
-                pairs += 1
-                succ += ord(b) == ord(a) + 1
-    frac = succ / pairs
-    assert 0.5 / 25 < frac < 2 / 25, frac
-    assert len(set(first)) > 20  # the first label is not fixed either
+        for g in groups:
+            for a, b in zip(g, g[1:]):
+                inside += 1
+                inside_succ += ord(b) == ord(a) + 1
+        for g, h in zip(groups, groups[1:]):
+            across += 1
+            across_succ += ord(h[0]) == ord(g[-1]) + 1
+    return inside_succ / inside, across_succ / max(across, 1), first
+
+
+def test_labels_runs_are_successors_inside_groups_only(gs):
+    inside, across, first = label_stats(gs)
+    assert inside == 1.0  # default: runs of consecutive letters
+    assert across < 0.35  # a group's first label must be looked up, not inferred from the previous group
+    assert len(set(first)) > 15
+
+
+def test_labels_random_permutation():
+    probs = generate("groupsum", 400, seed=2, config=GroupSumConfig(labels="random"))
+    inside, across, first = label_stats(probs)
+    assert 0.5 / 25 < inside < 2 / 25, inside
+    assert len(set(first)) > 20
 
 
 def test_groupsum_knobs():

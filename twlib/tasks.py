@@ -18,8 +18,10 @@ Design choices, and why
   response (the thread body is the section without its last `\\n`, which the format re-inserts before
   `</Thread>`), so the skill a sequential base model learns transfers into threads unchanged. The
   prototype (tiny-task-findings.md) saw threads fail exactly here, when the base copied by position.
-- Labels are a random permutation of the alphabet (unique within a problem), so the next label and each
-  item must be looked up in the question by label; alphabetical succession predicts nothing.
+- Labels are unique within a problem and items are looked up in the question BY LABEL, never by
+  position. By default each group's labels are a run of consecutive letters at a random place in the
+  alphabet (the next label is the successor; the group's first label is looked up); `labels="random"`
+  makes every label a lookup, which a 1.3M model did not learn in a 6-minute probe.
 - Cheap blocks: an outline is just the group name (`<Outline>1:A</Outline>\\n`, 6 tokens) and threads
   are whole groups, so work per thread (8 tokens per item) dominates the fixed cost of a block.
 - When to parallelise is a visible, learnable rule: eligible iff the question has at least
@@ -178,6 +180,12 @@ class GroupSumConfig:
       `p_parallel` (else `parallel == sequential`).
     - `max_threads`: None = one thread per group; else consecutive groups are packed into at most this
       many threads (balanced by item count, order kept), and the outline lists the groups (`1:AB`).
+    - `labels`: "runs" (default) gives each group a run of consecutive letters starting at a random
+      letter, the runs of different groups disjoint and in random order (`A:klm B:cde`): the next label
+      inside a group is the alphabetical successor and only a group's first label and every item are
+      looked up in the question. "random" is a random permutation of the alphabet, so every label is a
+      lookup: a measured 6-minute probe (small preset, 1M tokens) learnt only the format with it (loss
+      plateau 1.07 nats, 12% accuracy), hence the default.
 
     Default mix: k = 1..5 with weights 1 : 1.5 : 2 : 3 : 3 (about 10% single-group, sequential-only
     problems), 4-6 items per group. Perfect trajectories (1,500 problems, seed 123): self-parallelism 1.98,
@@ -195,8 +203,11 @@ class GroupSumConfig:
     min_items_to_parallelize: int = 0
     p_parallel: float = 1.0
     max_threads: int | None = None
+    labels: str = "runs"
 
     def __post_init__(self):
+        if self.labels not in ("runs", "random"):
+            raise ValueError(f"labels must be 'runs' or 'random', got {self.labels!r}")
         if not 1 <= self.min_groups <= self.max_groups <= len(GROUP_NAMES):
             raise ValueError(f"need 1 <= min_groups <= max_groups <= 26, got {self.min_groups}..{self.max_groups}")
         if not 1 <= self.min_items <= self.max_items:
@@ -262,6 +273,23 @@ def render_groupsum_parallel(sections: Sequence[str], outlines: Sequence[str], c
     return head + threads + "\n</Parallel>\n" + combine + f"</think>\n\\boxed{{{answer}}}"
 
 
+def _draw_labels(rng: random.Random, sizes: Sequence[int], kind: str) -> list[str]:
+    """Labels for all items, group after group (see GroupSumConfig.labels)."""
+    n = sum(sizes)
+    if kind == "random":
+        return rng.sample(LABELS, n)
+    order = list(range(len(sizes)))
+    rng.shuffle(order)  # the groups' runs appear in this order along the alphabet
+    gaps = [0] * (len(sizes) + 1)
+    for _ in range(len(LABELS) - n):  # spread the unused letters over the gaps at random
+        gaps[rng.randrange(len(gaps))] += 1
+    start, at = {}, gaps[0]
+    for slot, g in enumerate(order):
+        start[g] = at
+        at += sizes[g] + gaps[slot + 1]
+    return [LABELS[start[g] + j] for g, m in enumerate(sizes) for j in range(m)]
+
+
 def make_groupsum_problem(rng: random.Random, config: GroupSumConfig | None = None) -> Problem:
     """Draw one `groupsum` problem from `rng` (consumes the stream deterministically)."""
     cfg = config or GroupSumConfig()
@@ -272,7 +300,7 @@ def make_groupsum_problem(rng: random.Random, config: GroupSumConfig | None = No
         if sum(sizes) <= cfg.max_total_items:
             break
     n = sum(sizes)
-    labels = rng.sample(LABELS, n)
+    labels = _draw_labels(rng, sizes, cfg.labels)
     items = [rng.randrange(10) for _ in range(n)]
 
     groups, sections, results, pos = [], [], [], 0
