@@ -5,10 +5,10 @@ parallel response that contains the SAME reasoning text rearranged into a `<Para
 answer. Two tasks:
 
 - `"groupsum"` (tiny, for from-scratch CPU models): grouped running sums mod 10. The question is
-  `A:q3x5c8 B:e7m1g4 C:h6i6`: groups `A, B, C, ...` of digit items, each item behind a unique random
-  lowercase label. The reasoning for group A is `A\\nq:0+3=3\\nx:3+5=8\\nc:8+8=6\\nA=6\\n` (label, previous
-  running value, item, new value mod 10; then the group result), a combine line `6+2+2=0\\n` adds the
-  group results mod 10, and the response ends `</think>\\n\\boxed{0}`.
+  `A:q3r5s8 B:e7f1g4`: groups `A, B, ...` of digit items, each item behind a unique lowercase label. The
+  reasoning for group A is `A:q3:0+3=3\nr5:3+5=8\ns8:8+8=6\nA=6\n` (label and item copied from the
+  question, previous running value, item, new value mod 10; then the group result), and the answer is
+  every group's result in order: `</think>\n\\boxed{62}`.
 - `"multiply"` (for real Qwen3 models; the reference's public RL task): the product of 5-8 integers in
   [0, 1000], in prose; the parallel form multiplies disjoint groups of numbers in 2-4 threads and then
   combines the partial products.
@@ -23,13 +23,13 @@ Design choices, and why
   alphabet (the next label is the successor; the group's first label is looked up); `labels="random"`
   makes every label a lookup, which a 1.3M model did not learn in a 6-minute probe.
 - Cheap blocks: an outline is just the group name (`<Outline>1:A</Outline>\\n`, 6 tokens) and threads
-  are whole groups, so work per thread (8 tokens per item) dominates the fixed cost of a block.
+  are whole groups, so work per thread (9 tokens per item) dominates the fixed cost of a block.
 - When to parallelise is a visible, learnable rule: eligible iff the question has at least
   `min_groups_to_parallelize` groups (and `min_items_to_parallelize` items); eligible problems get the
   parallel form with probability `p_parallel`, all others have `parallel == sequential`. The default mix
   includes single-group problems, which stay sequential.
-- The combine line is always written, also for one group (`6=6`), so the step after the last group is
-  the same in every problem.
+- No combine step: the answer lists the group results, so nothing after the block sits on the critical
+  path but the answer itself (a combine line cost ~6 tokens per group on it).
 - Token counting for the oracle ceiling: `twlib.format.path_stats` (tags one token, every other
   character one token; response tokens only).
 - Deterministic: one `random.Random(seed)` stream per call; ids hash the question, so they are stable.
@@ -228,15 +228,20 @@ class GroupSumConfig:
 
 
 def _group_section(name: str, labels: Sequence[str], items: Sequence[int]) -> tuple[str, int]:
-    """`A\\nq:0+3=3\\n...\\nA=6\\n` and the group result."""
-    lines = [name]
-    value = 0
+    """`A:q3:0+3=3\nr5:3+5=8\n...\nA=6\n` and the group result.
+
+    Each step repeats the question's `label digit` pair (`q3`), so the digit is a plain induction copy
+    (the current token is the label, found once in the question), then adds it to the previous value
+    mod 10 with every operand written right before the result. The first step follows `A:`, as the
+    first label follows `A:` in the question.
+    """
+    lines, value = [], 0
     for label, item in zip(labels, items):
         new = (value + item) % 10
-        lines.append(f"{label}:{value}+{item}={new}")
+        lines.append(f"{label}{item}:{value}+{item}={new}")
         value = new
     lines.append(f"{name}={value}")
-    return "\n".join(lines) + "\n", value
+    return f"{name}:" + "\n".join(lines) + "\n", value
 
 
 def _pack(sizes: Sequence[int], n_threads: int) -> list[list[int]]:
@@ -313,8 +318,8 @@ def make_groupsum_problem(rng: random.Random, config: GroupSumConfig | None = No
         sections.append(section)
         results.append(value)
     question = " ".join(groups)
-    answer = str(sum(results) % 10)
-    combine = "+".join(map(str, results)) + f"={answer}\n"
+    answer = "".join(map(str, results))  # every group's result, in group order
+    combine = ""
     sequential = "<think>\n" + "".join(sections) + combine + f"</think>\n\\boxed{{{answer}}}"
 
     eligible = k >= cfg.min_groups_to_parallelize and n >= cfg.min_items_to_parallelize and k >= 2
