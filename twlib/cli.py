@@ -1,6 +1,8 @@
 """Command line: `python -m twlib COMMAND` (or the `twlib` script).
 
     python -m twlib demo [--out runs/demo] [--n-train 2000] [--n-eval 500] [--seed 0]
+    python -m twlib pipeline [--out runs/tiny] [--fresh] [--from-assets] [--set key=value ...]
+    python -m twlib sft --config configs/tiny-parallel.yaml [--set key=value ...] [--resume]
     python -m twlib data --task groupsum --n-train 2000 --n-eval 500 --out data/
 
 Design choices
@@ -104,7 +106,8 @@ def demo(args) -> int:
     for budget in (1024, 4096):
         print(f"rows of {budget:>4} tokens: {summary[f'rows@{budget}']:>5} ({100 * summary[f'fill@{budget}']:.1f}% filled)")
     print(f"\nwrote {out / 'ceiling.csv'} and {out / 'trie_stats.csv'} in {time.perf_counter() - start:.1f} s")
-    print("next: notebooks/01_trajectory_format and 02_trie_masking (python3 lab.py lab)")
+    print("next: notebooks/01_trajectory_format and 02_trie_masking (python3 lab.py lab);")
+    print("      the whole tiny pipeline (base model, trie SFT, baselines, evaluation): python -m twlib pipeline")
     return 0
 
 
@@ -112,6 +115,21 @@ def data(args) -> int:
     train, evals = build_data(args.task, args.n_train, args.n_eval, args.seed, Path(args.out))
     print(f"{args.task}: {len(train)} train / {len(evals)} eval -> {args.out}")
     return 0
+
+
+def pipeline(args) -> int:
+    from twlib.pipeline import PipelineConfig, run
+
+    cfg = PipelineConfig(out=args.out, fresh=args.fresh, from_assets=args.from_assets, n_eval=args.n_eval,
+                         wall_problems=args.wall_problems, overrides=tuple(args.set))
+    run(cfg)
+    return 0
+
+
+def sft(args) -> int:
+    from twlib.sft import main_args
+
+    return main_args(args)
 
 
 def main(argv=None) -> int:
@@ -130,5 +148,22 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="data")
     p.set_defaults(fn=data)
+    p = sub.add_parser("pipeline", help="the whole tiny pipeline: base, parallel/sequential/causal SFT, evaluation")
+    p.add_argument("--out", default="runs/tiny")
+    p.add_argument("--fresh", action="store_true", help="delete OUT and start over (default: resume)")
+    p.add_argument("--from-assets", action="store_true", help="evaluate the shipped checkpoints only")
+    p.add_argument("--n-eval", type=int, default=500)
+    p.add_argument("--wall-problems", type=int, default=100, help="problems timed one at a time")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every stage config, e.g. --set max_steps=50")
+    p.set_defaults(fn=pipeline)
+    p = sub.add_parser("sft", help="supervised fine-tuning from a YAML config (twlib.sft)",
+                       description="Trie SFT (mode parallel), the sequential baseline or the leakage ablation "
+                                   "(mode causal); see twlib/sft.py and configs/tiny-*.yaml")
+    p.add_argument("--config", required=True, help="YAML file of twlib.sft.SFTConfig fields")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set lr=1e-3 --set max_steps=50 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint if present")
+    p.set_defaults(fn=sft)
     args = parser.parse_args(argv)
     return args.fn(args)
