@@ -6,6 +6,11 @@ Modules (each opens with a docstring listing its design choices):
 - `twlib.tokenizer`: a character-level tokenizer with every tag as one special token.
 - `twlib.models`: tiny Qwen3 presets and the real Qwen3 configs.
 - `twlib.tasks`: seeded synthetic tasks with sequential and parallel trajectories and graders.
+- `twlib.sft`: trie SFT, the sequential baseline and the leakage ablation (YAML configs, exact resume).
+- `twlib.decoding`: the `Engine` protocol, the 5-phase state machine, the in-process `HFEngine`.
+- `twlib.eval`: accuracy, critical paths, speed-ups, wall clock, figures.
+- `twlib.pipeline`: the tiny end-to-end run; `twlib.viz`: figures and the mask explorer;
+  `twlib.cli`: `python -m twlib demo | pipeline | sft | data`.
 """
 
 __version__ = "0.1.0"
