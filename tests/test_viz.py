@@ -144,3 +144,30 @@ def test_mask_explorer_builds_and_updates_headless(tok, short):
     assert "trie" in explorer.figure.layout.title.text
     with pytest.raises(ValueError):
         mask_explorer({}, tok)
+
+
+def test_calls_timeline_places_threads_side_by_side(tok):
+    from twlib.decoding import Completion, DecodeConfig, ParallelDecoder
+    from twlib.viz import call_spans, calls_timeline
+
+    table = {tuple(c): d for c, d in tokenize_calls(engine_calls(SHORT, SHORT_PROMPT), tok, add_eos=True)}
+
+    class Oracle:
+        max_context = 10_000
+
+        def generate(self, requests, sampling):
+            return [Completion(list(table[tuple(r.prompt_ids)]), "stop") for r in requests]
+
+    result = ParallelDecoder(Oracle(), tok, DecodeConfig(max_new_tokens=2000)).decode(tok.encode(SHORT_PROMPT))
+    assert result.text == SHORT
+    spans = call_spans(result)
+    assert [s["call"].kind for s in spans] == ["sequential", "thread", "thread", "sequential"]
+    first, t1, t2, last = spans
+    assert t1["start"] == t2["start"] == first["length"]
+    assert last["start"] == t1["start"] + max(t1["length"], t2["length"])
+    fig = calls_timeline(result, tok)
+    assert isinstance(fig, go.Figure)
+    assert sum(len(t.x) for t in fig.data) == len(result.calls)
+    threads = next(t for t in fig.data if t.name.startswith("thread"))
+    assert list(threads.base) == [t1["start"]] * 2 and len(set(threads.y)) == 2
+    assert "</Thread>" not in threads.hovertext[0] and "&lt;/Thread&gt;" in threads.hovertext[0]

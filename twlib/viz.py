@@ -24,6 +24,9 @@ Design choices
 - `mask_explorer` is headless-safe: building it and changing its widgets needs no browser or kernel; the
   current figure is kept on `.figure`, and it is displayed into an `ipywidgets.Output` only when an
   IPython shell is running. In JupyterLab the figure is re-displayed on every change.
+- `calls_timeline` places a decoded response's calls on the critical path (`call_spans`): a sequential
+  call starts where the previous call (or the previous block's longest thread) ended; the threads of a
+  block share a start and sit in parallel lanes. Placement is logical, not wall time.
 """
 
 from __future__ import annotations
@@ -402,3 +405,76 @@ def mask_explorer(samples: Mapping[str, PackedTrie], tokenizer, row: int = 0, to
     toggle.observe(render, names="value")
     render()
     return box
+
+
+# ----------------------------------------------------------------------------------------------------
+# The state machine's calls on a timeline
+
+CALL_COLORS = {"sequential": "#1d3557", "continuation": "#457b9d", "thread": "#2a9d8f"}
+
+
+def call_spans(result) -> list[dict]:
+    """Where each call of a `DecodeResult` sits on the critical path: a dict per call with `start` (decode
+    step at which its first token is written), `length` (tokens it generated), `lane` (its row) and the
+    call. Threads of a block all start where the block's outlines end; the next sequential call starts
+    after the longest of them. Placement is logical (what an engine running the threads side by side
+    does), whatever `thread_mode` the result was decoded with."""
+    spans, step, block_end, lane = [], 0, None, 0
+    for call in result.calls:
+        if call.kind == "thread":
+            if block_end is None:
+                start, block_end = step, step
+            block_end = max(block_end, start + len(call.completion_ids))
+        else:
+            if block_end is not None:
+                step, block_end = block_end, None
+            start = step
+            step += len(call.completion_ids)
+        spans.append({"start": start, "length": len(call.completion_ids), "lane": lane, "call": call})
+        lane += 1
+    return spans
+
+
+def calls_timeline(result, tokenizer, width: int = 900) -> go.Figure:
+    """The calls of one decoded response as bars: x = decode step along the critical path, one row per call
+    (the threads of a block side by side in parallel lanes), coloured by kind, hover = the completion."""
+    spans = call_spans(result)
+    fig = go.Figure()
+    names = []
+    for s in spans:
+        c = s["call"]
+        if c.kind == "thread":
+            names.append(f"block {c.block} · thread {c.thread}")
+        else:
+            names.append("sequential" if c.phase == 1 else "continuation")
+    for kind, label in (("sequential", "sequential (phase 1)"), ("continuation", "continuation (phase 5)"),
+                        ("thread", "thread (phase 3)")):
+        rows = [i for i, s in enumerate(spans)
+                if (s["call"].kind == "thread") == (kind == "thread")
+                and (kind == "thread" or (s["call"].phase == 1) == (kind == "sequential"))]
+        if not rows:
+            continue
+        hovers = []
+        for i in rows:
+            c = spans[i]["call"]
+            text = tokenizer.decode(c.completion_ids, skip_special_tokens=False)
+            hovers.append(f"call {i}: {names[i]} · steps {spans[i]['start']}..{spans[i]['start'] + spans[i]['length']}"
+                          f" · {spans[i]['length']} tokens · finish {c.finish}<br>"
+                          + _esc(text[:400]).replace("\n", "⏎<br>"))
+        fig.add_trace(go.Bar(
+            orientation="h", base=[spans[i]["start"] for i in rows], x=[spans[i]["length"] for i in rows],
+            y=[spans[i]["lane"] for i in rows], width=0.7, name=label,
+            marker=dict(color=CALL_COLORS[kind],
+                        line=dict(color=["#d62828" if spans[i]["call"].finish != "stop" else "white" for i in rows],
+                                  width=2)),
+            hovertext=hovers, hovertemplate="%{hovertext}<extra></extra>"))
+    steps = max((s["start"] + s["length"] for s in spans), default=0)
+    generated = sum(s["length"] for s in spans)
+    fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=[s["lane"] for s in spans],
+                     ticktext=[f"{i}: {n}" for i, n in enumerate(names)], showgrid=False, zeroline=False)
+    fig.update_xaxes(title="decode step along the critical path", range=[-1, steps + 1])
+    fig.update_layout(title=f"{len(spans)} calls: {steps} decode steps on the critical path, {generated} tokens generated",
+                      barmode="overlay", width=width, height=140 + 28 * max(len(spans), 1), plot_bgcolor="white",
+                      margin=dict(l=170, r=20, t=50, b=40),
+                      legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
+    return fig
