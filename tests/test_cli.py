@@ -21,3 +21,14 @@ def test_demo_small(tmp_path, capsys):
 def test_data_command(tmp_path):
     assert main(["data", "--task", "multiply", "--n-train", "5", "--n-eval", "3", "--out", str(tmp_path)]) == 0
     assert len(load_parquet(tmp_path / "multiply-eval.parquet")) == 3
+
+
+def test_eval_command_on_the_toy_checkpoint(tmp_path, capsys):
+    from pathlib import Path
+
+    toy = Path(__file__).resolve().parent.parent / "assets" / "checkpoints" / "toy-parallel"
+    out = tmp_path / "rows.csv"
+    assert main(["eval", "--model", str(toy), "--parallel", "--n", "4", "--batch-size", "2",
+                 "--max-new-tokens", "64", "--out", str(out)]) == 0
+    assert "4 problems, accuracy" in capsys.readouterr().out
+    assert len(list(csv.DictReader(out.open()))) == 4

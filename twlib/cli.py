@@ -3,6 +3,7 @@
     python -m twlib demo [--out runs/demo] [--n-train 2000] [--n-eval 500] [--seed 0]
     python -m twlib pipeline [--out runs/tiny] [--fresh] [--from-assets] [--set key=value ...]
     python -m twlib sft --config configs/tiny-parallel.yaml [--set key=value ...] [--resume]
+    python -m twlib eval --model runs/tiny-base/final [--parallel] [--n 100]
     python -m twlib data --task groupsum --n-train 2000 --n-eval 500 --out data/
 
 Design choices
@@ -117,6 +118,33 @@ def data(args) -> int:
     return 0
 
 
+def evaluate_command(args) -> int:
+    """Greedy evaluation of one checkpoint on the held-out split of the tiny task."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from twlib.decoding import DecodeConfig, HFEngine, ParallelDecoder, sequential_decoder
+    from twlib.eval import evaluate, summarize, write_rows
+    from twlib.sft import eval_problems, load_config
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    problems = eval_problems(load_config(args.config))[: args.n]
+    engine = HFEngine(model, tokenizer)
+    config = DecodeConfig(max_new_tokens=args.max_new_tokens)
+    decoder = ParallelDecoder(engine, tokenizer, config) if args.parallel else sequential_decoder(engine, tokenizer, config)
+    rows = evaluate(decoder, problems, tokenizer, batch_size=args.batch_size)
+    s = summarize(rows)
+    print(f"{args.model}: {s['problems']} problems, accuracy {100 * s['accuracy']:.1f}%, format valid "
+          f"{100 * s['format_valid']:.1f}%, parallel {100 * s['parallel_rate']:.1f}%, token latency "
+          f"{s['mean_token_latency']:.1f}, total tokens {s['mean_total_tokens']:.1f}, {s['seconds']:.1f} s")
+    for k in sorted({r.k for r in rows}):
+        part = [r for r in rows if r.k == k]
+        print(f"  k={k}: {sum(r.correct for r in part)}/{len(part)} correct")
+    if args.out:
+        write_rows(args.out, rows)
+    return 0
+
+
 def pipeline(args) -> int:
     from twlib.pipeline import PipelineConfig, run
 
@@ -148,6 +176,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="data")
     p.set_defaults(fn=data)
+    p = sub.add_parser("eval", help="greedy evaluation of a checkpoint on the tiny task's held-out split")
+    p.add_argument("--model", required=True, help="a directory written by save_pretrained (e.g. runs/x/final)")
+    p.add_argument("--parallel", action="store_true", help="decode with the 5-phase state machine")
+    p.add_argument("--config", default="configs/tiny-base.yaml", help="stage config that defines the split")
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=25)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--out", default=None, help="CSV of per-problem results")
+    p.set_defaults(fn=evaluate_command)
     p = sub.add_parser("pipeline", help="the whole tiny pipeline: base, parallel/sequential/causal SFT, evaluation")
     p.add_argument("--out", default="runs/tiny")
     p.add_argument("--fresh", action="store_true", help="delete OUT and start over (default: resume)")
