@@ -331,9 +331,10 @@ class HFEngine:
                  num_threads: int | None = 1):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        # Decoding small models on a CPU is bound by per-step overhead: intra-op threads only add
-        # synchronisation (measured: 1 thread 2.4 ms/step vs several times that with 2, tiny preset).
-        # None leaves torch's setting alone (GPU, or big models on many cores).
+        # Decoding small models on a CPU is bound by per-step overhead: a second intra-op thread makes a
+        # decode step slower, not faster (benchmarks/threads.py, idle machine: tiny 1.9 vs 2.3 ms, small
+        # 4.2 vs 5.2 ms), and far slower when another process holds the other core. None leaves torch's
+        # setting alone (GPU, or big models on many cores).
         self.num_threads = num_threads if self.device.type == "cpu" else None
         self.max_context = max_context or model.config.max_position_embeddings
         self.prefix_cache = prefix_cache

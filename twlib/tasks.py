@@ -21,7 +21,7 @@ Design choices, and why
 - Labels are unique within a problem and items are looked up in the question BY LABEL, never by
   position. By default each group's labels are a run of consecutive letters at a random place in the
   alphabet (the next label is the successor; the group's first label is looked up); `labels="random"`
-  makes every label a lookup, which a 1.3M model did not learn in a 6-minute probe.
+  makes every label a lookup, which a 1.3M model did not learn in an early 6-minute probe.
 - Cheap blocks: an outline is just the group name (`<Outline>1:A</Outline>\\n`, 6 tokens) and threads
   are whole groups, so work per thread (9 tokens per item) dominates the fixed cost of a block.
 - When to parallelise is a visible, learnable rule: eligible iff the question has at least
@@ -184,8 +184,8 @@ class GroupSumConfig:
       letter, the runs of different groups disjoint and in random order (`A:klm B:cde`): the next label
       inside a group is the alphabetical successor and only a group's first label and every item are
       looked up in the question. "random" is a random permutation of the alphabet, so every label is a
-      lookup: a measured 6-minute probe (small preset, 1M tokens) learnt only the format with it (loss
-      plateau 1.07 nats, 12% accuracy), hence the default.
+      lookup: in an early ad-hoc 6-minute probe (small preset, ~1M tokens, a shared machine; not a
+      committed command) a model learnt only the format with it (loss plateau ~1.07 nats), hence the default.
 
     Default mix: k = 1..5 with weights 1 : 1.5 : 2 : 3 : 3 (about 10% single-group, sequential-only
     problems), 4-6 items per group. Perfect trajectories (1,500 problems, seed 123): self-parallelism 1.98,
