@@ -148,7 +148,7 @@ def test_groupsum_answers_correct(gs):
         groups = parse_question(p.question)
         assert [g for g, _ in groups] == list(string.ascii_uppercase[: len(groups)])
         results = [sum(d for _, d in items) % 10 for _, items in groups]
-        assert p.answer == "".join(map(str, results))
+        assert p.answer == " ".join(f"{g}={r}" for (g, _), r in zip(groups, results))
         assert p.meta["k"] == len(groups) and p.meta["group_results"] == results
         assert p.prompt == p.question + "\n"
         assert grade(p.sequential, p.answer, task="groupsum")
@@ -173,7 +173,7 @@ def test_groupsum_sequential_text(gs):
 
 BLOCK_RE = re.compile(
     r"\A<think>\n<Parallel>\n<Outlines>\n((?:<Outline>\d+:[A-Z]+</Outline>\n)+)</Outlines>\n"
-    r"((?:<Thread>\n\d+:[^<]*\n</Thread>)+)\n</Parallel>\n()</think>\n\\boxed\{([0-9]+)\}\Z"
+    r"((?:<Thread>\n\d+:[^<]*\n</Thread>)+)\n</Parallel>\n()</think>\n\\boxed\{([A-Z]=[0-9](?: [A-Z]=[0-9])*)\}\Z"
 )
 
 
@@ -337,7 +337,7 @@ def test_extract_answer_cases():
 
 def test_grade_basics(gs, mul):
     p = gs[0]
-    wrong = str((int(p.answer) + 1) % 10)
+    wrong = p.answer[:-1] + str((int(p.answer[-1]) + 1) % 10)  # last group's result off by one
     assert grade(p.sequential, p.answer, task="groupsum")
     assert grade(p.sequential.replace(f"\\boxed{{{p.answer}}}", f"\\boxed{{ {p.answer} }}"), p.answer, "groupsum")
     assert not grade(p.sequential.replace(f"\\boxed{{{p.answer}}}", f"\\boxed{{{wrong}}}"), p.answer, "groupsum")

@@ -160,6 +160,12 @@ def sft(args) -> int:
     return main_args(args)
 
 
+def pgrpo(args) -> int:
+    from twlib.pgrpo import main_args
+
+    return main_args(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="twlib", description="ThreadWeaver Lab")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,5 +208,12 @@ def main(argv=None) -> int:
                    help="override a field, e.g. --set lr=1e-3 --set max_steps=50 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint if present")
     p.set_defaults(fn=sft)
+    p = sub.add_parser("pgrpo", help="P-GRPO (or GRPO for the sequential baseline) from a YAML config (twlib.pgrpo)",
+                       description="Parallelization-aware GRPO on sampled state-machine rollouts; see "
+                                   "twlib/pgrpo.py and configs/tiny-pgrpo*.yaml")
+    from twlib.pgrpo import add_arguments as pgrpo_arguments
+
+    pgrpo_arguments(p)
+    p.set_defaults(fn=pgrpo)
     args = parser.parse_args(argv)
     return args.fn(args)

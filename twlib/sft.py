@@ -369,28 +369,32 @@ def _coerce(name: str, tp, value, source: str):
     return value  # pragma: no cover - every field type is handled above
 
 
-def _field_names() -> list[str]:
-    return [f.name for f in fields(SFTConfig) if f.metadata.get("yaml", True)]
+def _field_names(cls=None) -> list[str]:
+    return [f.name for f in fields(cls or SFTConfig) if f.metadata.get("yaml", True)]
 
 
-def _unknown(name: str, source: str) -> ConfigError:
-    names = _field_names()
+def _unknown(name: str, source: str, cls=None) -> ConfigError:
+    names = _field_names(cls)
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"{source}: unknown field {name!r}{hint}; valid fields: {', '.join(names)}")
 
 
-def apply_overrides(config: SFTConfig, overrides: Sequence[str] = (), source: str = "--set") -> SFTConfig:
-    """Apply `key=value` strings (values parsed as YAML, then coerced to the field's type) and validate."""
-    hints = get_type_hints(SFTConfig)
+def apply_overrides(config, overrides: Sequence[str] = (), source: str = "--set"):
+    """Apply `key=value` strings (values parsed as YAML, then coerced to the field's type) and validate.
+
+    Works for any config dataclass with a `validate(source)` method (SFTConfig, twlib.pgrpo.PGRPOConfig).
+    """
+    cls = type(config)
+    hints = get_type_hints(cls)
     for item in overrides or ():
         where = f"{source} {item}"
         if "=" not in item:
             raise ConfigError(f"{where}: expected key=value, e.g. lr=1e-3")
         key, raw = item.split("=", 1)
         key = key.strip()
-        if key not in _field_names():
-            raise _unknown(key, where)
+        if key not in _field_names(cls):
+            raise _unknown(key, where, cls)
         try:
             parsed = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
@@ -402,13 +406,14 @@ def apply_overrides(config: SFTConfig, overrides: Sequence[str] = (), source: st
     return config
 
 
-def load_config(path=None, overrides: Sequence[str] = ()) -> SFTConfig:
-    """An `SFTConfig` from a YAML file (None: the defaults) plus `key=value` overrides.
+def load_config(path=None, overrides: Sequence[str] = (), cls=None):
+    """An `SFTConfig` (or `cls`) from a YAML file (None: the defaults) plus `key=value` overrides.
 
     Raises ConfigError naming the unknown or invalid field and the file (or the override), and
     FileNotFoundError for a missing file.
     """
-    config = SFTConfig()
+    cls = cls or SFTConfig
+    config = cls()
     source = "defaults"
     if path is not None:
         path = Path(path)
@@ -422,15 +427,15 @@ def load_config(path=None, overrides: Sequence[str] = ()) -> SFTConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of field: value, got {type(raw).__name__}")
         for key, value in raw.items():
-            if str(key) not in _field_names():
-                raise _unknown(str(key), str(path))
+            if str(key) not in _field_names(cls):
+                raise _unknown(str(key), str(path), cls)
             setattr(config, str(key), value)
         config.validate(str(path))
     apply_overrides(config, list(overrides or ()))
     return config.validate(source)
 
 
-def save_config(config: SFTConfig, path) -> None:
+def save_config(config, path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 

@@ -1,0 +1,78 @@
+"""P-GRPO update cost: one packed trie per prompt group vs one per rollout vs one row per engine call.
+
+    .venv/bin/python benchmarks/pgrpo.py [--model assets/checkpoints/tiny-parallel] [--prompts 8] [--k 8]
+
+Samples one real batch of rollouts (temperature 1.0, the state machine) from the model, then runs the same
+P-GRPO update (loss + backward) on it three ways, side by side in one run:
+- `group`: all calls of all k rollouts of a prompt in one trie (this project's default);
+- `trajectory`: one trie per rollout (what the issue asks for at minimum);
+- `call`: one row per engine call, the reference's layout (shared contexts recomputed per call).
+It prints tokens processed (trie nodes), the loss (equal in all three, up to float rounding: the packing is
+exact), and the time per update, with ratios against `call`. Rows are filled up to `--tokens` per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from twlib import pgrpo
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    default = "assets/checkpoints/tiny-parallel"
+    if not Path(default).is_dir():
+        default = "assets/checkpoints/toy-parallel"
+    parser.add_argument("--model", default=default)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=8192, help="row budget (tokens per packed row)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = pgrpo.PGRPOConfig(model=args.model, prompts_per_step=args.prompts, rollouts_per_prompt=args.k,
+                            device="cpu", progress=False).validate()
+    from twlib.sft import load_base_model, load_tokenizer, resolve_runtime
+
+    tok = load_tokenizer(cfg.model)
+    model = load_base_model(cfg.model, tok, 0, resolve_runtime(cfg))
+    problems = pgrpo.step_prompts(pgrpo.prompt_pool(cfg), cfg, step=0)
+    t0 = time.perf_counter()
+    rollouts = pgrpo.collect_rollouts(model, tok, problems, cfg, step=0)
+    print(f"model {args.model}: {len(rollouts)} rollouts ({args.prompts} prompts x {args.k}) sampled in "
+          f"{time.perf_counter() - t0:.1f}s; calls per rollout {sum(len(r.pairs) for r in rollouts) / len(rollouts):.1f}; "
+          f"mean reward {sum(r.reward.total for r in rollouts) / len(rollouts):.3f}")
+    model.train()
+    results = {}
+    for packing in ("group", "trajectory", "call"):
+        batch = pgrpo.build_batch(rollouts, packing, max_tokens=args.tokens)
+        times = []
+        for _ in range(args.repeats):
+            model.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            loss = 0.0
+            for chunk in pgrpo.micro_batches(batch, args.tokens):
+                part = batch.select(chunk)
+                parts = pgrpo.policy_loss(pgrpo.batch_logprobs(model, part), part, normalizer=batch.n_tokens)
+                parts.loss.backward()
+                loss += float(parts.loss)
+            times.append(time.perf_counter() - t)
+        results[packing] = (batch.rows.num_tokens, batch.rows.shape, batch.n_tokens, loss, min(times))
+    base_tokens, _, _, _, base_time = results["call"]
+    print(f"{'packing':<11}{'rows x len':>12}{'tokens':>9}{'completion':>12}{'loss':>12}{'update s':>10}"
+          f"{'tokens vs call':>16}{'speed-up vs call':>18}")
+    for packing, (tokens, shape, n, loss, seconds) in results.items():
+        print(f"{packing:<11}{f'{shape[0]} x {shape[1]}':>12}{tokens:>9}{n:>12}{loss:>12.6f}{seconds:>10.3f}"
+              f"{tokens / base_tokens:>16.3f}{base_time / seconds:>18.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

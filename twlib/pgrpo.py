@@ -1,0 +1,673 @@
+"""P-GRPO: parallelization-aware GRPO (spec section 5), on the same trie rows and decoder as SFT.
+
+    python -m twlib pgrpo --config configs/tiny-pgrpo.yaml [--set steps=5] [--resume]
+
+One step, for P prompts with k rollouts each (paper notation; i = rollout, g(i) = its prompt group):
+
+    rollouts   y_i ~ pi_theta( . | x_g)         the 5-phase state machine, temperature 1.0
+    rewards    r_i = 1[correct] * (1 + R_accel(y_i))  (+ incorrect_reward otherwise; twlib.rewards)
+    advantage  A_i = r_i - mean_{j in g(i)} r_j      (std_normalize: divided by std_g + eps, the ablation)
+    loss       L(theta) = -(1/N) * sum_i A_i * sum_{c in calls(y_i)} sum_{t in completion(c)} log pi_theta(y_ict | context)
+
+with N the number of completion tokens of all calls of all rollouts in the batch. Tokens the
+orchestrator inserted (`\\n<Thread>\\n{n}:`, the join glue, a forced `</Thread>`) are contexts, never
+completions, so they get no loss.
+
+Design choices, and where we deviate from the reference
+- ONE packed trie per prompt group (`packing="group"`, default): all calls of all k rollouts of a prompt
+  are inserted into one trie, so the prompt and every shared prefix are computed once. The reference
+  trains one row per engine call (shared contexts recomputed for every thread and every rollout).
+  It is exact, not an approximation: a trie node n that is a completion token of several (rollout,
+  call) pairs carries the weight w_n = sum of their advantages, and sum_n w_n log p(n) is the same sum
+  as the per-call one because log p(n) is the same number on every path through n (ancestor-only
+  attention; tested against `packing="call"`, the reference layout, to 1e-5 for loss and gradients).
+  `packing="trajectory"` (one trie per rollout) sits in between. `benchmarks/pgrpo.py` measures them.
+- On-policy, one update per batch by default (the reference: clip ratios inert, no KL, no entropy).
+  `updates_per_batch > 1` turns on PPO clipping with the reference's asymmetric ratios (0.2 / 0.28):
+      L = -(1/N) sum_n [ W+_n min(rho_n, clip(rho_n)) + W-_n max(rho_n, clip(rho_n)) ],  rho_n = pi/pi_old
+  where W+ / W- are the sums of the positive / negative advantages on node n (per-rollout clipping of
+  min(rho A, clip(rho) A), regrouped exactly). With one update rho = 1 and its gradient is the
+  on-policy one. `kl_coef > 0` adds the k3 estimator to a frozen reference (the starting model):
+      KL_n = exp(ref_n - logp_n) - (ref_n - logp_n) - 1, counted once per occurrence, / N.
+- The sequential baseline gets ordinary GRPO through the same code (`mode="sequential"`: one call per
+  rollout, the trie of a group is then a plain prefix tree of k chains).
+- Rollouts use `HFEngine` in process (a fresh engine each step: its prefix cache never survives a weight
+  update). Sampling is seeded from (seed, step), and prompts are drawn from (seed, step) alone, so a
+  resumed run repeats exactly the steps an uninterrupted run would take (tested: same weights).
+- Diagnostics per step (metrics.csv, progress bar): reward mean, mean in-group reward std, fraction of
+  groups with zero std (no learning signal), accuracy, parallel rate, mean eta, mean self-parallelism,
+  mean critical path and total tokens, truncation rate, loss, grad norm, seconds for rollouts/update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence, get_type_hints
+
+import torch
+
+from twlib.decoding import DecodeConfig, DecodeResult, HFEngine, ParallelDecoder, SamplingParams, sequential_decoder
+from twlib.rewards import ACCELERATION_FORMS, Reward, RewardConfig, score
+from twlib.sft import (ConfigError, DTYPES, ATTN_IMPLEMENTATIONS, _coerce, _fork_all_rng, _param_groups,
+                       _rng_state, _save_model, _set_rng_state, _swap_into_place, apply_overrides,
+                       get_task_config, load_base_model, load_config, load_tokenizer, resolve_runtime, save_config)
+from twlib.trie import PackedTrie, collate, logprobs, pack
+
+PACKINGS = ("group", "trajectory", "call")
+TRUNCATION_FLAGS = ("truncated", "token_budget", "thread_unclosed", "context_overflow", "iteration_cap")
+METRICS_FIELDS = ["step", "reward", "reward_std", "zero_std_groups", "accuracy", "parallel_rate", "eta",
+                  "speedup", "critical_path", "total_tokens", "truncation_rate", "invalid_rate", "loss",
+                  "kl", "clip_frac", "grad_norm", "lr", "rollout_s", "update_s", "trie_tokens",
+                  "completion_tokens"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Advantages
+
+
+def group_advantages(rewards: Sequence[float], std_normalize: bool = False, eps: float = 1e-6) -> list[float]:
+    """A_i = r_i - mean(r) over one prompt's rollouts; with `std_normalize`, divided by (std(r) + eps).
+
+    Population std (divide by k), as in GRPO implementations. The paper argues against the division:
+    when every rollout is correct, the rewards differ only by the small acceleration bonus, and dividing
+    by their tiny std blows that bonus up to the size of a correctness signal.
+    """
+    r = torch.tensor([float(x) for x in rewards], dtype=torch.float64)
+    if r.numel() == 0:
+        return []
+    a = r - r.mean()
+    if std_normalize:
+        a = a / (r.std(unbiased=False) + eps)
+    return a.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts -> weighted trie rows
+
+
+@dataclass
+class Rollout:
+    group: int  # index of the prompt group in the step
+    problem_id: str
+    answer: str
+    result: DecodeResult
+    reward: Reward
+    advantage: float = 0.0
+
+    @property
+    def pairs(self) -> list[tuple[list[int], list[int]]]:
+        """(context, completion) of every engine call, in order: exactly what the model generated."""
+        return [(list(c.context_ids), list(c.completion_ids)) for c in self.result.calls if c.completion_ids]
+
+
+@dataclass
+class PolicyBatch:
+    """Packed rows plus per-node weights (all [rows, length]).
+
+    pos_weight / neg_weight  sum of the positive / negative advantages of every (rollout, call) in which
+                             the node is a completion token
+    counts                   number of such (rollout, call) occurrences (the per-call layout's token count)
+    n_tokens                 N of the loss: completion tokens summed over calls and rollouts (= counts.sum())
+    """
+
+    rows: PackedTrie
+    pos_weight: torch.Tensor
+    neg_weight: torch.Tensor
+    counts: torch.Tensor
+    n_tokens: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.pos_weight + self.neg_weight
+
+    def select(self, index: Sequence[int]) -> "PolicyBatch":
+        index = torch.as_tensor(list(index), dtype=torch.long)
+        rows = PackedTrie(**{k: getattr(self.rows, k).index_select(0, index)
+                             for k in ("input_ids", "position_ids", "parents", "labels", "exits", "sample_ids")})
+        return PolicyBatch(rows, self.pos_weight.index_select(0, index), self.neg_weight.index_select(0, index),
+                           self.counts.index_select(0, index), self.n_tokens)
+
+
+def _units(rollouts: Sequence[Rollout], packing: str) -> list[list[tuple[list[int], list[int], float]]]:
+    """Group (context, completion, advantage) triples into the units that become one trie each."""
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+    units: dict = {}
+    for n, r in enumerate(rollouts):
+        for c, (context, completion) in enumerate(r.pairs):
+            key = r.group if packing == "group" else (n if packing == "trajectory" else (n, c))
+            units.setdefault(key, []).append((context, completion, r.advantage))
+    return list(units.values())
+
+
+def _weigh(trie: PackedTrie, triples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Walk each (context, completion) through `trie`; completion nodes collect advantages and counts."""
+    child = {(int(p), int(t)): i for i, (p, t) in enumerate(zip(trie.parents[0].tolist(), trie.input_ids[0].tolist()))}
+    n = trie.shape[1]
+    pos = torch.zeros(n, dtype=torch.float64)
+    neg = torch.zeros(n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.float64)
+    for context, completion, advantage in triples:
+        node = -1
+        for j, tok in enumerate(list(context) + list(completion)):
+            node = child[(node, int(tok))]
+            if j >= len(context):
+                counts[node] += 1
+                (pos if advantage > 0 else neg)[node] += advantage
+    return pos, neg, counts
+
+
+def build_batch(rollouts: Sequence[Rollout], packing: str = "group", max_tokens: int | None = None,
+                pad_id: int = 0) -> PolicyBatch:
+    """Pack the rollouts' calls into trie rows (`packing` unit per trie, tries first-fit into rows of at
+    most `max_tokens`; None = one trie per row) with the node weights of the P-GRPO loss."""
+    units = _units(rollouts, packing)
+    if not units:
+        raise ValueError("build_batch: the rollouts have no completion tokens")
+    tries, weights = [], []
+    for triples in units:
+        trie = pack([(c, y) for c, y, _ in triples], loss="completions")
+        tries.append(trie)
+        weights.append(_weigh(trie, triples))
+    rows = collate(tries, max_tokens=max_tokens, pad_id=pad_id)
+    shape = rows.input_ids.shape
+    pos = torch.zeros(shape, dtype=torch.float64)
+    neg = torch.zeros(shape, dtype=torch.float64)
+    counts = torch.zeros(shape, dtype=torch.float64)
+    for i, (p, q, c) in enumerate(weights):
+        where = rows.sample_ids == i  # collate keeps a trie's nodes contiguous and in order
+        pos[where], neg[where], counts[where] = p, q, c
+    return PolicyBatch(rows, pos.float(), neg.float(), counts.float(), int(counts.sum()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor
+    kl: float = 0.0
+    clip_frac: float = 0.0
+
+
+def policy_loss(logp: torch.Tensor, batch: PolicyBatch, old_logp: torch.Tensor | None = None,
+                ref_logp: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.28,
+                kl_coef: float = 0.0, normalizer: int | None = None) -> LossParts:
+    """The P-GRPO loss of (a micro-batch of) `batch`, divided by the whole batch's N (`normalizer`).
+
+    old_logp None: the on-policy loss  -(1/N) sum_n w_n log p_n.  Else the clipped PPO surrogate.
+    """
+    N = max(1, normalizer or batch.n_tokens)
+    pos, neg = batch.pos_weight.to(logp.device), batch.neg_weight.to(logp.device)
+    clip_frac = 0.0
+    if old_logp is None:
+        surrogate = (pos + neg) * logp
+    else:
+        ratio = torch.exp(logp - old_logp)
+        clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+        surrogate = pos * torch.minimum(ratio, clipped) + neg * torch.maximum(ratio, clipped)
+        active = batch.counts.to(logp.device) > 0
+        clip_frac = float(((ratio != clipped) & active).sum()) / max(1, int(active.sum()))
+    loss = -surrogate.sum() / N
+    kl = 0.0
+    if kl_coef > 0 and ref_logp is not None:
+        counts = batch.counts.to(logp.device)
+        d = ref_logp - logp
+        k3 = torch.exp(d) - d - 1.0
+        kl_term = (counts * k3).sum() / N
+        loss = loss + kl_coef * kl_term
+        kl = float(kl_term.detach())
+    return LossParts(loss, kl, clip_frac)
+
+
+def batch_logprobs(model, batch: PolicyBatch, mask_kind: str = "bool") -> torch.Tensor:
+    """log p of every node of the batch's rows (`twlib.trie.logprobs`: parent-pointer targets)."""
+    return logprobs(model, batch.rows, mask_kind=mask_kind)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class PGRPOConfig:
+    """Everything a P-GRPO run needs; YAML keys are the field names.
+
+    model              an SFT checkpoint directory (e.g. assets/checkpoints/tiny-parallel) or a preset
+    mode               "parallel" (P-GRPO with the state machine) | "sequential" (GRPO, one call per rollout)
+    task, n_train, n_eval, data_seed, task_options   the prompt pool: train split of make_splits (the eval
+                       split is the same held-out set as SFT's)
+    prompts_per_step, rollouts_per_prompt, steps
+    temperature, top_p, max_new_tokens, max_thread_tokens, rollout_batch (problems decoded together)
+    acceleration, rho, rho_clip, incorrect_reward   the reward (twlib.rewards; paper form by default)
+    std_normalize      divide advantages by the group's std (the paper's ablation; off by default)
+    updates_per_batch  1 = on-policy (reference); > 1 turns on PPO clipping with clip_low / clip_high
+    kl_coef            > 0 adds a k3 KL penalty to the frozen starting model (reference: 0)
+    lr, warmup (fraction of steps, then constant), weight_decay, betas, grad_clip
+    packing            "group" | "trajectory" | "call" (see the module docstring); tokens_per_batch: row budget
+    seed, device, threads, dtype, attn, checkpoint_every, resume, out_dir, log_every, progress
+    """
+
+    model: str = "assets/checkpoints/tiny-parallel"
+    mode: str = "parallel"
+    task: str = "groupsum"
+    n_train: int = 2000
+    n_eval: int = 500
+    data_seed: int = 0
+    task_options: dict = field(default_factory=dict)
+    prompts_per_step: int = 8
+    rollouts_per_prompt: int = 8
+    steps: int = 50
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    max_thread_tokens: int = 256
+    rollout_batch: int = 64
+    acceleration: str = "paper"
+    rho: float = 0.5
+    rho_clip: float = 0.2
+    incorrect_reward: float = 0.0
+    std_normalize: bool = False
+    updates_per_batch: int = 1
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0
+    lr: float = 1e-4
+    warmup: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    packing: str = "group"
+    tokens_per_batch: int = 8192
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    dtype: str = "auto"
+    attn: str = "auto"
+    autocast: bool = False
+    checkpoint_every: int = 10
+    resume: bool = False
+    out_dir: str = "runs/pgrpo"
+    log_every: int = 1
+    progress: bool | None = None
+    # callable(text, answer, stats) -> twlib.rewards.Reward, replacing `score` (set in Python, never in YAML)
+    reward_fn: Callable | None = field(default=None, repr=False, compare=False, metadata={"yaml": False})
+
+    def validate(self, source: str = "config") -> "PGRPOConfig":
+        hints = get_type_hints(PGRPOConfig)
+        for f in fields(self):
+            if f.metadata.get("yaml", True):
+                setattr(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name), source))
+
+        def bad(name, why):
+            raise ConfigError(f"{source}: field {name!r}: {why} (got {getattr(self, name)!r})")
+
+        for name, options in (("mode", ("parallel", "sequential")), ("acceleration", ACCELERATION_FORMS),
+                              ("packing", PACKINGS), ("dtype", ("auto", *DTYPES)), ("attn", ATTN_IMPLEMENTATIONS)):
+            if getattr(self, name) not in options:
+                bad(name, f"expected one of {', '.join(map(repr, options))}")
+        from twlib.tasks import TASKS
+
+        if self.task not in TASKS:
+            bad("task", f"unknown task; known: {', '.join(sorted(TASKS))}")
+        for name in ("n_train", "prompts_per_step", "rollouts_per_prompt", "steps", "max_new_tokens",
+                     "max_thread_tokens", "rollout_batch", "updates_per_batch", "tokens_per_batch", "log_every"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        if self.rollouts_per_prompt < 2:
+            bad("rollouts_per_prompt", "GRPO needs >= 2 rollouts per prompt (advantages are centred per group)")
+        if not self.temperature > 0:
+            bad("temperature", "must be > 0 (rollouts are sampled; greedy rollouts would all be equal)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        if not 0 <= self.warmup < 1:
+            bad("warmup", "must be a fraction of the steps in [0, 1)")
+        for name in ("clip_low", "clip_high", "kl_coef", "weight_decay", "rho", "rho_clip", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            bad("threads", "must be >= 1 or null")
+        if self.reward_fn is not None and not callable(self.reward_fn):
+            bad("reward_fn", "expected a callable(text, answer, stats) -> Reward")
+        return self
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else copy.deepcopy(v))
+                for f in fields(self) if f.metadata.get("yaml", True)}
+
+    @property
+    def reward(self) -> RewardConfig:
+        return RewardConfig(task=self.task, acceleration=self.acceleration, rho=self.rho, rho_clip=self.rho_clip,
+                            incorrect_reward=self.incorrect_reward)
+
+
+def load_pgrpo_config(path=None, overrides: Sequence[str] = ()) -> PGRPOConfig:
+    return load_config(path, overrides, cls=PGRPOConfig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+def prompt_pool(config: PGRPOConfig) -> list:
+    from twlib.tasks import make_splits
+
+    task_config = get_task_config(config.task, config.task_options)
+    problems, _ = make_splits(config.task, config.n_train, config.n_eval, config.data_seed, task_config)
+    return problems
+
+
+def step_prompts(pool: Sequence, config: PGRPOConfig, step: int) -> list:
+    """The step's prompts: a pure function of (seed, step), so resuming repeats them exactly."""
+    rng = random.Random(config.seed * 1_000_003 + step)
+    return rng.sample(list(pool), min(config.prompts_per_step, len(pool)))
+
+
+def decode_config(config: PGRPOConfig, step: int) -> DecodeConfig:
+    return DecodeConfig(max_new_tokens=config.max_new_tokens, max_thread_tokens=config.max_thread_tokens,
+                        sampling=SamplingParams(temperature=config.temperature, top_p=config.top_p,
+                                                seed=config.seed * 1_000_003 + step))
+
+
+def collect_rollouts(model, tokenizer, problems: Sequence, config: PGRPOConfig, step: int) -> list[Rollout]:
+    """k sampled rollouts per problem, scored, with group-centred advantages."""
+    engine = HFEngine(model, tokenizer)  # fresh: no KV from before the last weight update
+    dcfg = decode_config(config, step)
+    decoder = (ParallelDecoder(engine, tokenizer, dcfg) if config.mode == "parallel"
+               else sequential_decoder(engine, tokenizer, dcfg))
+    k = config.rollouts_per_prompt
+    prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems for _ in range(k)]
+    results = decoder.decode(prompts, batch_size=config.rollout_batch)
+    rollouts = []
+    for n, result in enumerate(results):
+        p = problems[n // k]
+        reward = (config.reward_fn(result.text, p.answer, result.stats) if config.reward_fn is not None
+                  else score(result.text, p.answer, config.reward, stats=result.stats))
+        rollouts.append(Rollout(n // k, p.id, p.answer, result, reward))
+    for g in range(len(problems)):
+        members = rollouts[g * k:(g + 1) * k]
+        for r, a in zip(members, group_advantages([m.reward.total for m in members], config.std_normalize)):
+            r.advantage = a
+    return rollouts
+
+
+def rollout_metrics(rollouts: Sequence[Rollout], k: int) -> dict:
+    """The per-step diagnostics of the rollouts (see the module docstring)."""
+    n = len(rollouts)
+    rewards = [r.reward.total for r in rollouts]
+    groups = [rewards[i:i + k] for i in range(0, n, k)]
+    stds = [float(torch.tensor(g).std(unbiased=False)) for g in groups]
+    return {
+        "reward": sum(rewards) / n,
+        "reward_std": sum(stds) / len(stds),
+        "zero_std_groups": sum(s < 1e-9 for s in stds) / len(stds),
+        "accuracy": sum(r.reward.correct for r in rollouts) / n,
+        "parallel_rate": sum(r.result.stats.blocks > 0 for r in rollouts) / n,
+        "eta": sum(r.result.stats.eta for r in rollouts) / n,
+        "speedup": sum(r.result.stats.speedup for r in rollouts) / n,
+        "critical_path": sum(r.result.stats.longest for r in rollouts) / n,
+        "total_tokens": sum(r.result.stats.total for r in rollouts) / n,
+        "truncation_rate": sum(any(f in TRUNCATION_FLAGS for f in r.result.flags) for r in rollouts) / n,
+        "invalid_rate": sum(not r.result.valid for r in rollouts) / n,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# One update
+
+
+def micro_batches(batch: PolicyBatch, tokens_per_micro_batch: int) -> list[list[int]]:
+    """Row indices per micro-batch: as many rows as fit `tokens_per_micro_batch` (at least one)."""
+    length = batch.rows.shape[1]
+    per = max(1, tokens_per_micro_batch // max(1, length))
+    return [list(range(i, min(i + per, batch.rows.shape[0]))) for i in range(0, batch.rows.shape[0], per)]
+
+
+def update(model, optimizer, batch: PolicyBatch, config: PGRPOConfig, mask_kind: str = "bool",
+           ref_model=None) -> dict:
+    """`updates_per_batch` optimizer steps on one batch of rollouts; returns loss / kl / clip / grad norm."""
+    chunks = micro_batches(batch, config.tokens_per_batch)
+    old, ref = None, None
+    if config.updates_per_batch > 1:
+        with torch.no_grad():
+            old = [batch_logprobs(model, batch.select(c), mask_kind) for c in chunks]
+    if config.kl_coef > 0 and ref_model is not None:
+        with torch.no_grad():
+            ref = [batch_logprobs(ref_model, batch.select(c), mask_kind) for c in chunks]
+    out = {}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for _ in range(config.updates_per_batch):
+        loss_sum, kl_sum, clip_sum = 0.0, 0.0, 0.0
+        for j, c in enumerate(chunks):
+            part = batch.select(c)
+            logp = batch_logprobs(model, part, mask_kind)
+            parts = policy_loss(logp, part, old[j] if old else None, ref[j] if ref else None,
+                                config.clip_low, config.clip_high, config.kl_coef, normalizer=batch.n_tokens)
+            parts.loss.backward()
+            loss_sum += float(parts.loss.detach())
+            kl_sum += parts.kl
+            clip_sum += parts.clip_frac / len(chunks)
+        clip = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out = {"loss": loss_sum, "kl": kl_sum, "clip_frac": clip_sum, "grad_norm": grad_norm}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+CHECKPOINT, CHECKPOINT_OLD, CHECKPOINT_TMP = "checkpoint", "checkpoint.old", ".checkpoint.tmp"
+
+
+def _save(out_dir: Path, model, tokenizer, optimizer, scheduler, state: dict, config: PGRPOConfig) -> None:
+    tmp, final, old = out_dir / CHECKPOINT_TMP, out_dir / CHECKPOINT, out_dir / CHECKPOINT_OLD
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    _save_model(model, tokenizer, tmp / "model")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    save_config(config, tmp / "pgrpo_config.yaml")
+    _swap_into_place(tmp, final, old)
+
+
+def _find(out_dir: Path) -> Path | None:
+    for name in (CHECKPOINT, CHECKPOINT_OLD):
+        if (out_dir / name / "trainer_state.json").is_file():
+            return out_dir / name
+    return None
+
+
+def _truncate_metrics(path: Path, upto_step: int) -> None:
+    if not path.exists():
+        return
+    with path.open() as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto_step]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class PGRPOResult:
+    steps: int
+    final_dir: str
+    out_dir: str
+    wall_s: float
+    first: dict  # metrics of the first step of this run
+    last: dict  # metrics of the last step
+    model: object = field(default=None, repr=False)
+    tokenizer: object = field(default=None, repr=False)
+
+
+def train(config: PGRPOConfig, on_step: Callable[[int, dict], None] | None = None, quiet: bool = False,
+          source: str | None = None) -> PGRPOResult:
+    """Run P-GRPO (or GRPO for mode="sequential") as configured; `on_step(step, metrics)` after each step."""
+    before = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(int(config.threads))
+    try:
+        return _train(config, on_step, quiet, source)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGRPOResult:
+    from tqdm.auto import tqdm
+
+    wall = time.perf_counter()
+    config = copy.copy(config)
+    config.validate(source or "config")
+    rt = resolve_runtime(config)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = config.progress if config.progress is not None else sys.stderr.isatty()
+
+    def log(message: str) -> None:
+        if not quiet:
+            tqdm.write(message) if progress else print(message, flush=True)
+
+    checkpoint = _find(out_dir) if config.resume else None
+    tokenizer = load_tokenizer(config.model)
+    model = load_base_model(str(checkpoint / "model") if checkpoint else config.model, tokenizer, config.seed, rt)
+    ref_model = None
+    if config.kl_coef > 0:
+        ref_model = load_base_model(config.model, tokenizer, config.seed, rt).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=tuple(config.betas))
+    warmup_steps = round(config.warmup * config.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    start = 0
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+        _set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
+        start = int(state["step"])
+        log(f"resumed from {checkpoint} at step {start}")
+    else:
+        torch.manual_seed(config.seed)
+    pool = prompt_pool(config)
+    metrics_path = out_dir / "metrics.csv"
+    if start == 0 and metrics_path.exists():
+        metrics_path.unlink()
+    _truncate_metrics(metrics_path, start)
+    log(f"pgrpo: mode={config.mode} model={config.model} {config.prompts_per_step} prompts x "
+        f"{config.rollouts_per_prompt} rollouts, {config.steps} steps, packing={config.packing}, "
+        f"reward={config.acceleration} std_normalize={config.std_normalize} device={rt.device}")
+    bar = tqdm(total=config.steps, initial=start, disable=not progress or quiet, dynamic_ncols=True,
+               desc=f"pgrpo {config.mode}")
+    first = last = None
+    with metrics_path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
+        if metrics_path.stat().st_size == 0:
+            writer.writeheader()
+        for step in range(start, config.steps):
+            t0 = time.perf_counter()
+            problems = step_prompts(pool, config, step)
+            model.eval()
+            with _fork_all_rng():
+                rollouts = collect_rollouts(model, tokenizer, problems, config, step)
+            t1 = time.perf_counter()
+            model.train()
+            row = {"step": step + 1, **rollout_metrics(rollouts, config.rollouts_per_prompt),
+                   "lr": optimizer.param_groups[0]["lr"]}
+            batch = build_batch(rollouts, config.packing, max_tokens=config.tokens_per_batch,
+                                pad_id=tokenizer.pad_token_id or 0)
+            row.update(update(model, optimizer, batch, config, rt.mask_kind, ref_model))
+            scheduler.step()
+            row.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1, trie_tokens=batch.rows.num_tokens,
+                       completion_tokens=batch.n_tokens)
+            row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+            writer.writerow(row)
+            f.flush()
+            first = first or row
+            last = row
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}", eta=f"{row['eta']:.3f}")
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                log(f"step {step + 1}/{config.steps} reward {row['reward']:.3f} acc {row['accuracy']:.3f} "
+                    f"parallel {row['parallel_rate']:.2f} eta {row['eta']:.3f} L {row['critical_path']:.1f} "
+                    f"zero-std {row['zero_std_groups']:.2f} loss {row['loss']:.4f} "
+                    f"({row['rollout_s']:.1f}s + {row['update_s']:.1f}s)")
+            done = step + 1
+            if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
+                _save(out_dir, model, tokenizer, optimizer, scheduler, {"step": done}, config)
+            if on_step is not None:
+                on_step(done, row)
+    bar.close()
+    final_dir = out_dir / "final"
+    tmp = out_dir / ".final.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    _save_model(model, tokenizer, tmp)
+    save_config(config, tmp / "pgrpo_config.yaml")
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)
+    result = PGRPOResult(config.steps, str(final_dir), str(out_dir), time.perf_counter() - wall, first or {},
+                         last or {}, model, tokenizer)
+    (out_dir / "result.json").write_text(json.dumps(
+        {"steps": result.steps, "final_dir": result.final_dir, "wall_s": result.wall_s, "first": result.first,
+         "last": result.last}, indent=1))
+    log(f"done: {config.steps} steps in {result.wall_s / 60:.1f} min -> {final_dir}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", help="YAML file of PGRPOConfig fields (configs/tiny-pgrpo.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    parser.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint")
+    return parser
+
+
+def main_args(args: argparse.Namespace) -> int:
+    try:
+        config = load_pgrpo_config(args.config, args.set)
+        if args.resume:
+            config.resume = True
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train(config, source=args.config)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m twlib.pgrpo", description=__doc__.split("\n")[0]))
+    return main_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
