@@ -8,9 +8,12 @@ Modules (each opens with a docstring listing its design choices):
 - `twlib.tasks`: seeded synthetic tasks with sequential and parallel trajectories and graders.
 - `twlib.sft`: trie SFT, the sequential baseline and the leakage ablation (YAML configs, exact resume).
 - `twlib.decoding`: the `Engine` protocol, the 5-phase state machine, the in-process `HFEngine`.
+- `twlib.engines`: `OpenAICompletionsEngine` (any /v1/completions server), `VLLMEngine`, `serve_hf`.
+- `twlib.rewards`, `twlib.pgrpo`: correctness + acceleration rewards; P-GRPO on group-packed trie rows.
+- `twlib.plan`: memory/time/cost planner for Qwen3 SFT and RL, and config dry runs.
 - `twlib.eval`: accuracy, critical paths, speed-ups, wall clock, figures.
 - `twlib.pipeline`: the tiny end-to-end run; `twlib.viz`: figures and the mask explorer;
-  `twlib.cli`: `python -m twlib demo | pipeline | sft | data`.
+  `twlib.cli`: `python -m twlib demo | pipeline | sft | pgrpo | eval | data | plan | serve`.
 """
 
 __version__ = "0.1.0"

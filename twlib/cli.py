@@ -129,7 +129,14 @@ def evaluate_command(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     problems = eval_problems(load_config(args.config))[: args.n]
-    engine = HFEngine(model, tokenizer)
+    if args.url:  # decode through a completions server (vllm serve, SGLang, llama.cpp) instead
+        from twlib.engines import engine_for_server
+
+        local = args.server_kind not in ("vllm", "sglang")
+        engine = engine_for_server(args.url, args.server_kind, tokenizer,
+                                   model.config.max_position_embeddings if local else None)
+    else:
+        engine = HFEngine(model, tokenizer)
     config = DecodeConfig(max_new_tokens=args.max_new_tokens)
     decoder = ParallelDecoder(engine, tokenizer, config) if args.parallel else sequential_decoder(engine, tokenizer, config)
     rows = evaluate(decoder, problems, tokenizer, batch_size=args.batch_size)
@@ -158,6 +165,18 @@ def sft(args) -> int:
     from twlib.sft import main_args
 
     return main_args(args)
+
+
+def plan(args) -> int:
+    from twlib.plan import main_args
+
+    return main_args(args)
+
+
+def serve(args) -> int:
+    from twlib.engines import main as serve_main
+
+    return serve_main(["--model", args.model, "--host", args.host, "--port", str(args.port)])
 
 
 def pgrpo(args) -> int:
@@ -190,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--out", default=None, help="CSV of per-problem results")
+    p.add_argument("--url", default=None, help="decode through a completions server (vllm serve, SGLang, llama.cpp)")
+    p.add_argument("--server-kind", default="vllm", choices=["vllm", "sglang", "llama-server", "llama-cpp-python"])
     p.set_defaults(fn=evaluate_command)
     p = sub.add_parser("pipeline", help="the whole tiny pipeline: base, parallel/sequential/causal SFT, evaluation")
     p.add_argument("--out", default="runs/tiny")
@@ -215,5 +236,15 @@ def main(argv=None) -> int:
 
     pgrpo_arguments(p)
     p.set_defaults(fn=pgrpo)
+    p = sub.add_parser("plan", help="memory/time/cost plan for Qwen3 SFT and RL; --dry-run CONFIG (twlib.plan)")
+    from twlib.plan import add_arguments as plan_arguments
+
+    plan_arguments(p)
+    p.set_defaults(fn=plan)
+    p = sub.add_parser("serve", help="serve a checkpoint as /v1/completions (teaching stand-in for vLLM)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(fn=serve)
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -68,7 +68,9 @@ class Completion:
 
 
 class Engine(Protocol):
-    """Anything that completes a batch of token-id prompts (in process, or over HTTP in a later issue)."""
+    """Anything that completes a batch of token-id prompts: in process (`HFEngine`, `twlib.engines.VLLMEngine`)
+    or over HTTP (`twlib.engines.OpenAICompletionsEngine`). `finish == "stop"` means the last id is one of
+    the request's stop ids (servers also stop at EOS whatever `stop_ids` says; include EOS in them)."""
 
     max_context: int
 
@@ -330,6 +332,7 @@ class HFEngine:
     def __init__(self, model, tokenizer=None, prefix_cache: bool = True, max_context: int | None = None,
                  num_threads: int | None = 1):
         self.model = model.eval()
+        self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         # Decoding small models on a CPU is bound by per-step overhead: a second intra-op thread makes a
         # decode step slower, not faster (benchmarks/threads.py, idle machine: tiny 1.9 vs 2.3 ms, small
