@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """One entry point for a fresh machine (Python and pip only): set up, run the demo, test, open the lab.
 
-    python3 lab.py demo      # create .venv if needed, install, run the main job
+    python3 lab.py demo      # create .venv if needed, install, run the main job: the whole tiny pipeline
+    python3 lab.py demo --from-assets   # the same table from the shipped checkpoints (under a minute)
     python3 lab.py test      # create .venv if needed, install, run the test suite (extra args go to pytest)
     python3 lab.py lab       # open the notebooks in JupyterLab
     python3 lab.py install [--gpu]
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> int:
     py = str(venv_python())
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if command == "demo":
-        return subprocess.call([py, "-m", "twlib", "demo", *rest], cwd=ROOT, env=env)
+        return subprocess.call([py, "-m", "twlib", "pipeline", *rest], cwd=ROOT, env=env)
     if command == "test":
         return subprocess.call([py, "-m", "pytest", *rest], cwd=ROOT, env=env)
     if command == "lab":

@@ -34,6 +34,18 @@ CASES = {
     "twlib.format.replay": [],  # filled below
     "twlib.trie.pack": [(_pairs(),)],
     "twlib.trie.dense_mask": [],  # filled below
+    "twlib.sft.batch_loss": [],  # filled below
+    "twlib.sft.lr_factor": [(0, 100, 5, 0.1), (3, 100, 5, 0.1), (5, 100, 5, 0.1), (50, 100, 5, 0.1),
+                            (99, 100, 5, 0.1), (150, 100, 5, 0.1), (0, 1, 0, 0.0), (0, 5, 0, 0.1),
+                            (7, 13, 2, 0.2), (12, 13, 2, 0.2)],
+    "twlib.rewards.acceleration_reward": [],  # filled below
+    "twlib.datagen.thread_shares": [([1, 3],), ([0, 0],), ([5],), ([2, 2, 4],), ([],)],
+    "twlib.datagen.trajectory_stats": [([DISTANCE_EXAMPLE],), ([BLOCK, "plain text"],), ([],),
+                                       (["<Parallel>", DISTANCE_EXAMPLE, BLOCK + BLOCK],)],
+    "twlib.pgrpo.group_advantages": [
+        ([1.0, 0.0, 1.2, 0.0],), ([1.10, 1.12, 1.10, 1.14],), ([1.10, 1.12, 1.10, 1.14], True),
+        ([1.2, 1.0, 0.0, 0.0], True), ([1.0, 1.0], True), ([0.5, 0.25, 1.2], True, 1e-3), ([],), ([-1.0, 1.0],),
+    ],
 }
 
 
@@ -43,6 +55,25 @@ def _late_cases():
 
     CASES["twlib.format.replay"] = [(engine_calls(DISTANCE_EXAMPLE, DISTANCE_PROMPT), DISTANCE_PROMPT)]
     CASES["twlib.trie.dense_mask"] = [(pack(_pairs()).exits,)]
+
+    from twlib.format import PathStats, path_stats
+
+    stats = [PathStats(100, 90, 0.1, 100 / 90), PathStats(100, 40, 0.6, 2.5), PathStats(57, 57, 0.0, 1.0),
+             path_stats(BLOCK), path_stats(DISTANCE_EXAMPLE)]
+    CASES["twlib.rewards.acceleration_reward"] = (
+        [(s, form) for s in stats for form in ("paper", "code", "readme", "none")]
+        + [(stats[0],), (stats[1], "paper", 1.0, 0.5), (stats[3], "readme", 0.25, 0.1), (stats[4], "code", 2.0, 0.3)])
+
+    from twlib.models import build_model
+    from twlib.tokenizer import build_tokenizer
+    from twlib.trie import collate
+
+    tokenizer = build_tokenizer()
+    model = build_model("tiny", tokenizer, seed=0)
+    rows = collate([pack(_pairs()), pack(engine_calls(BLOCK, "Q\n"), tokenizer),
+                    pack(engine_calls(DISTANCE_EXAMPLE, DISTANCE_PROMPT), tokenizer, loss="paper")])
+    CASES["twlib.sft.batch_loss"] = [(model, rows), (model, rows, "float"), (model, rows, "bool", 500.0),
+                                     (model, pack(_pairs()))]
 
 
 _late_cases()

@@ -23,3 +23,25 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys):
     # a second run skips every finished stage
     run(cfg)
     assert capsys.readouterr().out.count("done already") == 4
+
+
+def test_from_assets_evaluates_the_shipped_checkpoints(tmp_path, capsys):
+    """`python -m twlib pipeline --from-assets`: no training, the shipped models decode and match their CSV."""
+    from twlib.cli import main
+
+    assert main(["pipeline", "--from-assets", "--out", str(tmp_path), "--n-eval", "12", "--wall-problems", "2"]) == 0
+    table = {r["model"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
+    assert set(table) == {"parallel", "sequential"}
+    assert float(table["parallel"]["parallel_rate"]) > 50 and float(table["sequential"]["parallel_rate"]) == 0
+    assert float(table["parallel"]["token_latency"]) < float(table["sequential"]["token_latency"])
+    # the shipped per-problem rows were produced by these very checkpoints: the first 12 decode identically
+    from pathlib import Path
+
+    from twlib.eval import read_rows
+
+    assets = Path(__file__).resolve().parent.parent / "assets" / "results"
+    for name in ("parallel", "sequential"):
+        ours = read_rows(tmp_path / f"eval_{name}.csv")
+        theirs = read_rows(assets / f"eval_{name}.csv")[:12]
+        assert [r.text for r in ours] == [r.text for r in theirs]
+    assert "done already" not in capsys.readouterr().out

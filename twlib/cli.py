@@ -155,8 +155,11 @@ def evaluate_command(args) -> int:
 def pipeline(args) -> int:
     from twlib.pipeline import PipelineConfig, run
 
-    cfg = PipelineConfig(out=args.out, fresh=args.fresh, from_assets=args.from_assets, n_eval=args.n_eval,
-                         wall_problems=args.wall_problems, overrides=tuple(args.set))
+    quick = args.from_assets
+    n_eval = args.n_eval if args.n_eval is not None else (100 if quick else 500)
+    wall = args.wall_problems if args.wall_problems is not None else (20 if quick else 100)
+    cfg = PipelineConfig(out=args.out, fresh=args.fresh, from_assets=args.from_assets, n_eval=n_eval,
+                         wall_problems=wall, overrides=tuple(args.set))
     run(cfg)
     return 0
 
@@ -216,8 +219,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/tiny")
     p.add_argument("--fresh", action="store_true", help="delete OUT and start over (default: resume)")
     p.add_argument("--from-assets", action="store_true", help="evaluate the shipped checkpoints only")
-    p.add_argument("--n-eval", type=int, default=500)
-    p.add_argument("--wall-problems", type=int, default=100, help="problems timed one at a time")
+    p.add_argument("--n-eval", type=int, default=None,
+                   help="held-out problems evaluated (default 500; 100 with --from-assets)")
+    p.add_argument("--wall-problems", type=int, default=None,
+                   help="problems timed one at a time (default 100; 20 with --from-assets)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every stage config, e.g. --set max_steps=50")
     p.set_defaults(fn=pipeline)

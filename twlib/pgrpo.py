@@ -180,6 +180,8 @@ def build_batch(rollouts: Sequence[Rollout], packing: str = "group", max_tokens:
         trie = pack([(c, y) for c, y, _ in triples], loss="completions")
         tries.append(trie)
         weights.append(_weigh(trie, triples))
+    if max_tokens is not None:  # a unit longer than the budget gets a row of its own rather than an error
+        max_tokens = max(max_tokens, max(t.shape[1] for t in tries))
     rows = collate(tries, max_tokens=max_tokens, pad_id=pad_id)
     shape = rows.input_ids.shape
     pos = torch.zeros(shape, dtype=torch.float64)
