@@ -10,6 +10,8 @@ Modules (each opens with a docstring listing its design choices):
 - `twlib.decoding`: the `Engine` protocol, the 5-phase state machine, the in-process `HFEngine`.
 - `twlib.engines`: `OpenAICompletionsEngine` (any /v1/completions server), `VLLMEngine`, `serve_hf`.
 - `twlib.rewards`, `twlib.pgrpo`: correctness + acceleration rewards; P-GRPO on group-packed trie rows.
+- `twlib.datagen`: two-stage parallel data generation (strong-model rewriting, self-training), Table-8 stats.
+- `twlib.distributed`: FSDP2 trie SFT under torchrun (same rows and loss as twlib.sft).
 - `twlib.plan`: memory/time/cost planner for Qwen3 SFT and RL, and config dry runs.
 - `twlib.eval`: accuracy, critical paths, speed-ups, wall clock, figures.
 - `twlib.pipeline`: the tiny end-to-end run; `twlib.viz`: figures and the mask explorer;

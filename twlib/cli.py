@@ -15,6 +15,7 @@ Design choices
 from __future__ import annotations
 
 import argparse
+import sys
 import csv
 import statistics
 import time
@@ -246,6 +247,14 @@ def main(argv=None) -> int:
 
     plan_arguments(p)
     p.set_defaults(fn=plan)
+    for name, text in (("rewrite", "data generation stage 1: rewrite sequential traces with a strong model"),
+                       ("arc", "data generation arc: seed SFT, self-training, second SFT (twlib.datagen)")):
+        sub.add_parser(name, help=text)  # listed in --help; the arguments belong to twlib.datagen
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("rewrite", "arc"):
+        from twlib.datagen import main as datagen_main
+
+        return datagen_main(argv)
     p = sub.add_parser("serve", help="serve a checkpoint as /v1/completions (teaching stand-in for vLLM)")
     p.add_argument("--model", required=True)
     p.add_argument("--host", default="127.0.0.1")

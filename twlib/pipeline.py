@@ -185,7 +185,9 @@ def run(cfg: PipelineConfig) -> list[dict]:
     base_config = load_config(Path(cfg.configs) / "tiny-base.yaml", list(cfg.overrides))
     problems = eval_problems(base_config)[: cfg.n_eval]
     _say(f"== data: {len(problems)} held-out {base_config.task} problems (seed {base_config.data_seed})")
-    _say(format_ceiling(oracle_ceiling(problems)))
+    from twlib.sft import load_tokenizer
+
+    _say(format_ceiling(oracle_ceiling(problems, tokenizer=load_tokenizer(base_config.model, base_config.item_tokens))))
     training: dict = {}
     if cfg.from_assets:
         assets = Path(cfg.assets)

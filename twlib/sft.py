@@ -136,6 +136,8 @@ class SFTConfig:
 
     model            preset name (`tiny`, `small`, `base`: from scratch, seeded by `seed`) or a directory
                      written by `save_pretrained` (e.g. a previous run's `out_dir/final`)
+    item_tokens      presets only: the byte tokenizer with one token per `letter digit` item (a checkpoint
+                     directory always brings its own tokenizer)
     task, data       problems: `data` = a Parquet path (`twlib.tasks.save_parquet`), or null to generate
                      `make_splits(task, n_train, n_eval, data_seed, task_options)` and train on its train
                      split (the eval split stays held out; `python -m twlib data` writes the same split).
@@ -155,6 +157,8 @@ class SFTConfig:
     autocast         run forward/backward under torch.autocast(bfloat16) with the parameters kept in dtype
     attn             "auto" (sdpa + bool mask on CPU, flex_attention + BlockMask on CUDA) | "sdpa" | "eager"
                      | "flex_attention"
+    gradient_checkpointing  recompute each decoder layer's activations in the backward (HF activation
+                     checkpointing, non-reentrant): activation memory of one layer instead of all, ~1/3 more compute
     lora, lora_rank, lora_alpha, lora_dropout, lora_targets   peft LoRA (off: full fine-tuning)
     checkpoint_every steps between checkpoints (0: only at the end); resume: continue from out_dir/checkpoint
     out_dir, log_every (console line every n steps), progress (tqdm bar; null: only on a TTY)
@@ -163,6 +167,7 @@ class SFTConfig:
     """
 
     model: str = "small"
+    item_tokens: bool = False
     task: str = "groupsum"
     data: str | None = None
     n_train: int | None = 2000
@@ -189,6 +194,7 @@ class SFTConfig:
     dtype: str = "auto"
     autocast: bool = False
     attn: str = "auto"
+    gradient_checkpointing: bool = False
     lora: bool = False
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -631,15 +637,16 @@ def _is_checkpoint_dir(path) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def load_tokenizer(model: str):
-    """The tokenizer saved with a checkpoint directory, else the project's byte tokenizer."""
+def load_tokenizer(model: str, item_tokens: bool = False):
+    """The tokenizer saved with a checkpoint directory, else the project's byte tokenizer
+    (`item_tokens`: with one token per `letter digit` item, see twlib.tokenizer)."""
     from twlib.tokenizer import build_tokenizer
 
     if _is_checkpoint_dir(model) and (Path(model) / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(model))
-    return build_tokenizer()
+    return build_tokenizer(item_tokens=item_tokens)
 
 
 def load_base_model(model: str, tokenizer, seed: int, rt: Runtime):
@@ -660,6 +667,15 @@ def load_base_model(model: str, tokenizer, seed: int, rt: Runtime):
         raise ValueError(f"{model}: tokenizer has {len(tokenizer)} tokens, the model's embedding only "
                          f"{loaded.get_input_embeddings().weight.shape[0]}")
     return loaded.to(device=rt.device, dtype=rt.dtype)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """HF per-decoder-layer activation checkpointing, non-reentrant (the transformers 5 name, or the older one)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _wrap_lora(model, config: SFTConfig):
@@ -896,7 +912,8 @@ def _train(config: SFTConfig, on_step, source: str | None, quiet: bool) -> SFTRe
         np.random.seed(config.seed % 2**32)
 
     # Model and tokenizer.
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(str(checkpoint / "model") if checkpoint is not None and not config.lora
+                               else config.model, config.item_tokens)
     if checkpoint is not None and not config.lora:
         model = load_base_model(str(checkpoint / "model"), tokenizer, config.seed, rt)
     else:
@@ -908,6 +925,8 @@ def _train(config: SFTConfig, on_step, source: str | None, quiet: bool) -> SFTRe
             model = _wrap_lora(model, config)
             if checkpoint is not None:
                 _load_lora_weights(model, checkpoint / "model")
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
 
     # Data.

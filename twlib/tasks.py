@@ -554,7 +554,7 @@ def split(problems: Sequence[Problem], n_eval: int, seed: int = 0) -> tuple[list
 # ----------------------------------------------------------------------------------------------------
 # Oracle ceiling (critical-path statistics of the perfect trajectories)
 
-def oracle_ceiling(problems: Sequence[Problem], by: str | None = None) -> dict:
+def oracle_ceiling(problems: Sequence[Problem], by: str | None = None, tokenizer=None) -> dict:
     """Critical-path statistics of the perfect trajectories (response tokens only; tags = 1 token).
 
     - self_parallelism: mean over problems of total / longest of the parallel response.
@@ -562,10 +562,13 @@ def oracle_ceiling(problems: Sequence[Problem], by: str | None = None) -> dict:
     - per_size: the same per value of `meta[by]` (default: `k` for groupsum, `n_numbers` for multiply),
       with counts, the fraction parallelised and mean token lengths.
     - lengths: mean/max tokens of sequential and parallel responses, and max prompt + response.
-    Counts characters (plus one per tag), which is the tiny character-level tokenizer's count; for the
-    multiplication task with a real BPE tokenizer, use `twlib.format.path_stats(text, tokenizer)` instead.
+    Counts characters (plus one per tag), which is the tiny character-level tokenizer's count, or the
+    tokens of `tokenizer` when given (item tokens, a real BPE tokenizer).
     """
-    from twlib.format import path_stats
+    from twlib.format import path_stats as _path_stats
+
+    def path_stats(text):
+        return _path_stats(text, tokenizer) if tokenizer is not None else _path_stats(text)
 
     rows = []
     for p in problems:
