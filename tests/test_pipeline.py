@@ -11,18 +11,20 @@ from twlib.pipeline import PipelineConfig, run
 def test_pipeline_end_to_end_tiny(tmp_path, capsys):
     overrides = ("model=tiny", "max_steps=2", "n_train=16", "n_eval=8", "checkpoint_every=1", "log_every=1")
     cfg = PipelineConfig(out=str(tmp_path / "run"), n_eval=6, wall_problems=2, eval_batch=3,
-                         max_new_tokens=48, progress=False, overrides=overrides)
+                         max_new_tokens=48, progress=False, overrides=overrides, pgrpo=True,
+                         pgrpo_overrides=("steps=1", "prompts_per_step=1", "rollouts_per_prompt=2",
+                                          "max_new_tokens=48", "max_thread_tokens=24", "n_train=16"))
     rows = run(cfg)
-    assert [r["model"] for r in rows] == ["parallel", "sequential", "causal", "base"]
+    assert [r["model"] for r in rows] == ["parallel", "sequential", "causal", "base", "pgrpo"]
     for stage in ("base", "parallel", "sequential", "causal"):
         assert (tmp_path / "run" / stage / "final" / "config.json").is_file()
     table = list(csv.DictReader((tmp_path / "run" / "results.csv").open()))
-    assert len(table) == 4 and all(0 <= float(r["accuracy"]) <= 100 for r in table)
+    assert len(table) == 5 and all(0 <= float(r["accuracy"]) <= 100 for r in table)
     out = capsys.readouterr().out
     assert "paper (Qwen3-8B" in out
     # a second run skips every finished stage
     run(cfg)
-    assert capsys.readouterr().out.count("done already") == 4
+    assert capsys.readouterr().out.count("done already") == 5
 
 
 def test_from_assets_evaluates_the_shipped_checkpoints(tmp_path, capsys):

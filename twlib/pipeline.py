@@ -51,6 +51,8 @@ class PipelineConfig:
     fresh: bool = False
     progress: bool | None = None
     overrides: tuple[str, ...] = ()  # `key=value` applied to every stage config (e.g. max_steps=2 in tests)
+    pgrpo: bool = False  # also run P-GRPO on the parallel model (configs/tiny-pgrpo.yaml, ~6 min) and evaluate it
+    pgrpo_overrides: tuple[str, ...] = ()  # `key=value` for the P-GRPO config
 
 
 def _say(text: str) -> None:
@@ -83,6 +85,27 @@ def train_stage(stage: str, cfg: PipelineConfig) -> dict:
     return summary
 
 
+def train_pgrpo(cfg: PipelineConfig) -> dict:
+    """P-GRPO on the trie-SFT model (configs/tiny-pgrpo.yaml), skipped when done; returns its summary."""
+    from twlib.pgrpo import load_pgrpo_config, train
+
+    out = Path(cfg.out) / "pgrpo"
+    summary_path = out / "train_summary.json"
+    if (out / "final").is_dir() and summary_path.is_file():
+        _say(f"[pgrpo] done already ({out / 'final'}); delete it to retrain")
+        return json.loads(summary_path.read_text())
+    overrides = [f"out_dir={out}", "resume=true", f"model={Path(cfg.out) / 'parallel' / 'final'}"]
+    if cfg.progress is not None:
+        overrides.append(f"progress={str(cfg.progress).lower()}")
+    config = load_pgrpo_config(Path(cfg.configs) / "tiny-pgrpo.yaml", overrides + list(cfg.pgrpo_overrides))
+    _say(f"[pgrpo] training: {config.steps} steps of {config.prompts_per_step} x {config.rollouts_per_prompt} rollouts")
+    result = train(config, source="configs/tiny-pgrpo.yaml")
+    summary = {"steps": result.steps, "train_s": result.wall_s, "first_reward": result.first.get("reward"),
+               "last_reward": result.last.get("reward")}
+    summary_path.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
 def evaluate_models(models: dict[str, str], problems, cfg: PipelineConfig) -> dict:
     """Greedy decoding of every model on `problems`; the parallel/sequential pair also at batch size 1."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,7 +120,7 @@ def evaluate_models(models: dict[str, str], problems, cfg: PipelineConfig) -> di
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         engine = HFEngine(model, tokenizer)
-        parallel = name in ("parallel", "causal")
+        parallel = name in ("parallel", "causal", "pgrpo")
         decoder = (ParallelDecoder(engine, tokenizer, decode_config) if parallel
                    else sequential_decoder(engine, tokenizer, decode_config))
         start = time.perf_counter()
@@ -202,6 +225,9 @@ def run(cfg: PipelineConfig) -> list[dict]:
         for stage in STAGES:
             training[stage] = train_stage(stage, cfg)
         models = {name: str(out / name / "final") for name in ("parallel", "sequential", "causal", "base")}
+        if cfg.pgrpo:
+            training["pgrpo"] = train_pgrpo(cfg)
+            models["pgrpo"] = str(out / "pgrpo" / "final")
     _say("== evaluation (greedy)")
     evals = evaluate_models(models, problems, cfg)
     rows = results_table(evals, training)
