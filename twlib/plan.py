@@ -982,9 +982,9 @@ def _notes(cfg, launcher: LauncherConfig, plan: Plan) -> list[str]:
     notes = []
     if cfg.data is not None and not Path(cfg.data).is_file():
         notes.append(f"data file {cfg.data} does not exist yet (needed before training)")
-    if launcher.gradient_checkpointing:
-        notes.append("twlib.sft has no gradient-checkpointing field: the launcher must call "
-                     "model.gradient_checkpointing_enable()")
+    if launcher.gradient_checkpointing and not getattr(cfg, "gradient_checkpointing", False):
+        notes.append("the plan assumes activation checkpointing: set `gradient_checkpointing: true` in the "
+                     "config (or `--gradient-checkpointing` for twlib.distributed)")
     if launcher.logits == "chunked":
         today = make_plan(dataclasses.replace(plan.config, logits="twlib"), schedule=plan.schedule, shape=plan.shape)
         notes.append(f"logits 'chunked' needs each LM-head chunk recomputed in the backward; "
@@ -993,8 +993,8 @@ def _notes(cfg, launcher: LauncherConfig, plan: Plan) -> list[str]:
                      f"{plan.memory('SFT').term('LM head') / GIB:.1f}, {today.memory('SFT').gpu_gib:.1f} GiB "
                      f"per GPU in all")
     if launcher.gpus > 1 or launcher.sharding != "none":
-        notes.append("twlib.sft is single-process: multi-GPU sharding needs a launcher "
-                     "(torchrun/accelerate + FSDP or DeepSpeed)")
+        notes.append(f"multi-GPU: torchrun --nproc_per_node {launcher.gpus} -m twlib.distributed --config CONFIG "
+                     "(FSDP2 over the same rows and loss as twlib.sft; see docs/full_scale.md)")
     return ["\nnotes:", *(f"  - {n}" for n in notes)] if notes else []
 
 
