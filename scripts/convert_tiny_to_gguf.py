@@ -74,6 +74,9 @@ def load_converter(path: Path):
     if not path.is_file():
         raise SystemExit(f"no converter at {path}: it ships in llama-cpp-python's source archive, "
                          f"vendor/llama.cpp/convert_hf_to_gguf.py")
+    # Newer llama.cpp splits the converter into a `conversion` package beside the script: import from there.
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("convert_hf_to_gguf", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["convert_hf_to_gguf"] = module
@@ -83,10 +86,16 @@ def load_converter(path: Path):
 
 def patch_converter(module) -> None:
     """Declare the pre-tokenizer and make the tags USER_DEFINED (see the module docstring)."""
-    gguf = module.gguf
-    # The class that builds GPT-2 style vocabularies: `TextModel` in new converters, `Model` in old ones.
-    base = next((cls for name in ("TextModel", "Model")
-                 if (cls := getattr(module, name, None)) is not None and hasattr(cls, "get_vocab_base")), None)
+    gguf = getattr(module, "gguf", None) or importlib.import_module("gguf")
+    # The class that builds GPT-2 style vocabularies: `TextModel` in new converters (in the `conversion`
+    # package since llama.cpp split the script up), `Model` in old ones.
+    places = [module]
+    try:
+        places.append(importlib.import_module("conversion.base"))
+    except ImportError:
+        pass
+    base = next((cls for place in places for name in ("TextModel", "Model")
+                 if (cls := getattr(place, name, None)) is not None and hasattr(cls, "get_vocab_base")), None)
     if base is None:
         raise SystemExit("this convert_hf_to_gguf.py has no TextModel/Model.get_vocab_base: unsupported version")
     original = base.get_vocab_base

@@ -226,8 +226,9 @@ def test_help_runs():
     assert "--dry-run" in done.stdout and "--price" in done.stdout
 
 
-def test_there_are_three_qwen3_configs():
-    assert [p.name for p in QWEN3_YAMLS] == ["qwen3-0.6b-sft.yaml", "qwen3-1.7b-sft.yaml", "qwen3-8b-sft.yaml"]
+def test_there_are_the_qwen3_configs():
+    assert [p.name for p in QWEN3_YAMLS] == ["qwen3-0.6b-pgrpo.yaml", "qwen3-0.6b-sft.yaml", "qwen3-1.7b-sft.yaml",
+                                             "qwen3-8b-pgrpo.yaml", "qwen3-8b-sft.yaml"]
 
 
 @pytest.mark.parametrize("path", QWEN3_YAMLS, ids=lambda p: p.name)

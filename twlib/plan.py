@@ -998,11 +998,64 @@ def _notes(cfg, launcher: LauncherConfig, plan: Plan) -> list[str]:
     return ["\nnotes:", *(f"  - {n}" for n in notes)] if notes else []
 
 
+def _is_pgrpo_config(config_path) -> bool:
+    """A P-GRPO config (twlib.pgrpo.PGRPOConfig) rather than an SFT one: it has rollout fields."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(config_path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "rollouts_per_prompt" in raw
+
+
+def _pgrpo_dry_run(config_path) -> tuple[str, Plan]:
+    """Validate a P-GRPO config, build its model on the meta device, and plan its RL phases."""
+    from twlib.models import count_parameters
+    from twlib.pgrpo import load_pgrpo_config
+
+    from twlib.models import QWEN3_CONFIGS
+    from twlib.sft import ConfigError
+
+    cfg = load_pgrpo_config(config_path)
+    launcher = read_launcher(config_path)
+    try:
+        model, shape, model_note = resolve_model(cfg.model)
+    except ConfigError:  # an SFT output directory not trained yet: its size is in its name (runs/qwen3-8b-...)
+        name = next((n for n in sorted(QWEN3_CONFIGS, key=len, reverse=True) if n.lower() in cfg.model.lower()), None)
+        if name is None:
+            raise
+        model, shape, model_note = resolve_model(name)
+        model_note = f"{cfg.model} (not trained yet; planned as {name}): {model_note}"
+    pc = PlanConfig(model=shape.name, gpu=launcher.gpu, gpus=launcher.gpus, gpus_per_node=min(launcher.gpus, 8),
+                    tokens=cfg.tokens_per_batch, rows=1, precision=launcher.precision or precision_of(cfg.dtype, cfg.autocast),
+                    sharding=launcher.sharding, offload_optimizer=launcher.offload_optimizer,
+                    checkpointing=launcher.gradient_checkpointing, logits=launcher.logits,
+                    logits_chunk=launcher.logits_chunk, attn="flex_attention" if cfg.attn == "auto" else cfg.attn,
+                    overhead_gib=launcher.overhead_gib)
+    plan = make_plan(pc, schedule="paper" if shape.name == "Qwen3-8B" else "multiply", shape=shape)
+    lines = [f"dry run: {config_path}",
+             f"  config: valid PGRPOConfig (mode {cfg.mode}, {cfg.prompts_per_step} prompts x "
+             f"{cfg.rollouts_per_prompt} rollouts, {cfg.steps} steps, lr {cfg.lr:g}, temperature {cfg.temperature:g}, "
+             f"reward {cfg.acceleration}, std_normalize {cfg.std_normalize}, packing {cfg.packing})",
+             f"  model: {model_note}",
+             f"  parameters: {count_parameters(model):,} on the meta device; formula {plan.params:,}",
+             *_sharding_lines(sharding_units(model), plan.config)]
+    for memory in plan.memories:
+        if memory.phase != "SFT":
+            lines += _memory_lines(memory)
+    lines += ["\nnotes:", "  - twlib.pgrpo runs one process with in-process rollouts; the FSDP2 + vLLM trainer "
+              "for this scale is designed in docs/full_scale.md"]
+    return "\n".join(lines), plan
+
+
 def dry_run_plan(config_path) -> tuple[str, Plan]:
-    """(report, plan) of a twlib.sft config; raises ConfigError / FileNotFoundError on a bad config."""
+    """(report, plan) of a twlib.sft or twlib.pgrpo config; raises ConfigError / FileNotFoundError on a bad one."""
     from twlib.models import count_parameters
     from twlib.sft import ConfigError, load_config
 
+    if _is_pgrpo_config(config_path):
+        return _pgrpo_dry_run(config_path)
     cfg = load_config(config_path)
     launcher = read_launcher(config_path)
     model, shape, model_note = resolve_model(cfg.model)
