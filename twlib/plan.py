@@ -1039,7 +1039,8 @@ def _pgrpo_dry_run(config_path) -> tuple[str, Plan]:
              f"{cfg.rollouts_per_prompt} rollouts, {cfg.steps} steps, lr {cfg.lr:g}, temperature {cfg.temperature:g}, "
              f"reward {cfg.acceleration}, std_normalize {cfg.std_normalize}, packing {cfg.packing})",
              f"  model: {model_note}",
-             f"  parameters: {count_parameters(model):,} on the meta device; formula {plan.params:,}",
+             f"  parameters: {(n := count_parameters(model)):,} on the meta device; formula {plan.params:,} "
+             f"({'equal' if n == plan.params else 'DIFFERENT: not a plain Qwen3 layout'})",
              *_sharding_lines(sharding_units(model), plan.config)]
     for memory in plan.memories:
         if memory.phase != "SFT":
