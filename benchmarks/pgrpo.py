@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                 part = batch.select(chunk)
                 parts = pgrpo.policy_loss(pgrpo.batch_logprobs(model, part), part, normalizer=batch.n_tokens)
                 parts.loss.backward()
-                loss += float(parts.loss)
+                loss += float(parts.loss.detach())
             times.append(time.perf_counter() - t)
         results[packing] = (batch.rows.num_tokens, batch.rows.shape, batch.n_tokens, loss, min(times))
     base_tokens, _, _, _, base_time = results["call"]
