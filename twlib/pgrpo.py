@@ -60,8 +60,9 @@ import torch
 from twlib.decoding import DecodeConfig, DecodeResult, HFEngine, ParallelDecoder, SamplingParams, sequential_decoder
 from twlib.rewards import ACCELERATION_FORMS, Reward, RewardConfig, score
 from twlib.sft import (ConfigError, DTYPES, ATTN_IMPLEMENTATIONS, _coerce, _fork_all_rng, _param_groups,
-                       _rng_state, _save_model, _set_rng_state, _swap_into_place, apply_overrides,
-                       get_task_config, load_base_model, load_config, load_tokenizer, resolve_runtime, save_config)
+                       _save_model, _set_rng_state, apply_overrides,
+                       get_task_config, load_base_model, load_checkpoint_state, load_config, load_tokenizer,
+                       resolve_runtime, save_config)
 from twlib.trie import PackedTrie, collate, logprobs, pack
 
 PACKINGS = ("group", "trajectory", "call")
@@ -475,28 +476,9 @@ def update(model, optimizer, batch: PolicyBatch, config: PGRPOConfig, mask_kind:
 # Checkpoints
 
 
-CHECKPOINT, CHECKPOINT_OLD, CHECKPOINT_TMP = "checkpoint", "checkpoint.old", ".checkpoint.tmp"
-
-
-def _save(out_dir: Path, model, tokenizer, optimizer, scheduler, state: dict, config: PGRPOConfig) -> None:
-    tmp, final, old = out_dir / CHECKPOINT_TMP, out_dir / CHECKPOINT, out_dir / CHECKPOINT_OLD
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    _save_model(model, tokenizer, tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    save_config(config, tmp / "pgrpo_config.yaml")
-    _swap_into_place(tmp, final, old)
-
-
-def _find(out_dir: Path) -> Path | None:
-    for name in (CHECKPOINT, CHECKPOINT_OLD):
-        if (out_dir / name / "trainer_state.json").is_file():
-            return out_dir / name
-    return None
+# The SFT trainer's atomic checkpoints (temporary directory + renames) hold the same things here: model,
+# optimizer, scheduler, RNG states, trainer state and the config (`train_config.yaml`).
+from twlib.sft import find_checkpoint as _find, save_checkpoint as _save  # noqa: E402
 
 
 def _truncate_metrics(path: Path, upto_step: int) -> None:
@@ -568,11 +550,11 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
         optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
     start = 0
     if checkpoint is not None:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-        _set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
-        start = int(state["step"])
+        state = load_checkpoint_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start = int(state["trainer"]["step"])
         log(f"resumed from {checkpoint} at step {start}")
     else:
         torch.manual_seed(config.seed)
