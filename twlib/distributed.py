@@ -88,7 +88,6 @@ import shutil
 import socket
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -97,8 +96,7 @@ import torch
 import torch.distributed as dist
 
 from twlib import sft
-from twlib.sft import (ConfigError, DataError, batch_loss, build_rows, build_trajectories, load_config,
-                       load_problems, lr_factor)
+from twlib.sft import ConfigError, DataError, batch_loss, load_config, lr_factor
 from twlib.trie import IGNORE, PackedTrie, _decoder_and_head
 
 __all__ = ["Launch", "Ranks", "TrieLoss", "checkpointed_logprobs", "rank_rows", "micro_batch_plan",
@@ -452,14 +450,7 @@ def _load_model(config, rt, storage_dtype, launch: Launch, source):
 
 
 def _build_data(config, tokenizer, model, source, ranks: Ranks, log):
-    problems = load_problems(config, source)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ids, tries = build_trajectories(problems, tokenizer, config.mode, config.loss_policy)
-    for w in caught:
-        log(f"warning: {w.message}")
-    rows = build_rows(ids, tries, config.tokens_per_batch, pad_id=tokenizer.pad_token_id or 0,
-                      max_positions=getattr(model.config, "max_position_embeddings", None))
+    problems, tries, rows = sft.training_rows(config, tokenizer, model, source, log)
     fingerprint = sft._fingerprint(rows)
     prints = [None] * ranks.world
     dist.all_gather_object(prints, fingerprint)

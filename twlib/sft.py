@@ -868,6 +868,21 @@ def _truncate_metrics(path: Path, upto_step: int) -> None:
         writer.writerows(rows)
 
 
+def training_rows(config: SFTConfig, tokenizer, model, source: str | None, log) -> tuple[list, list, PackedTrie]:
+    """(problems, tries, packed rows) of a config; skipped-trajectory warnings go to `log` and are re-raised
+    as warnings. Shared by this trainer and `twlib.distributed` (every rank builds the same rows)."""
+    problems = load_problems(config, source)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids, tries = build_trajectories(problems, tokenizer, config.mode, config.loss_policy)
+    for w in caught:
+        log(f"warning: {w.message}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    rows = build_rows(ids, tries, config.tokens_per_batch, pad_id=tokenizer.pad_token_id or 0,
+                      max_positions=getattr(model.config, "max_position_embeddings", None))
+    return problems, tries, rows
+
+
 def train(config: SFTConfig, on_step: Callable[[int, dict], None] | None = None, source: str | None = None,
           quiet: bool = False) -> SFTResult:
     """Run SFT as configured; returns an `SFTResult` (with the trained model and tokenizer attached).
@@ -930,16 +945,7 @@ def _train(config: SFTConfig, on_step, source: str | None, quiet: bool) -> SFTRe
     model.train()
 
     # Data.
-    problems = load_problems(config, source)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ids, tries = build_trajectories(problems, tokenizer, config.mode, config.loss_policy)
-    for w in caught:
-        log(f"warning: {w.message}")
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    rows = build_rows(ids, tries, config.tokens_per_batch, pad_id=tokenizer.pad_token_id or 0,
-                      max_positions=max_positions)
+    problems, tries, rows = training_rows(config, tokenizer, model, source, log)
     n_rows = rows.shape[0]
     rows_per_step = config.rows_per_micro_batch * config.grad_accum
     spe = _steps_per_epoch(n_rows, rows_per_step)
