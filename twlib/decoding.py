@@ -47,7 +47,8 @@ from twlib.format import PathStats, THREAD_CLOSE, OUTLINES_CLOSE, OUTLINES_OPEN,
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy. `seed` makes sampled decoding reproducible for the same batch."""
+    """temperature 0 means greedy. `seed` makes sampled decoding reproducible for the same batch; a
+    request's own `Request.seed` makes it reproducible whatever the batch (see `ParallelDecoder.decode`)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -59,6 +60,9 @@ class Request:
     prompt_ids: list[int]
     max_new_tokens: int
     stop_ids: tuple[int, ...] = ()  # generation ends right after one of these (it is part of the output)
+    # Sampling seed of this request alone: its tokens then depend on (weights, prompt, seed), not on the
+    # other requests of the batch, the batch size or the machine it runs on (vLLM's per-request seed).
+    seed: int | None = None
 
 
 @dataclass
@@ -158,9 +162,19 @@ class ParallelDecoder:
 
     # -- one problem ---------------------------------------------------------------------------------
 
-    def _machine(self, prompt_ids: list[int]):
-        """Generator: yields lists of Requests, receives lists of (Completion, seconds); returns the result."""
+    def _machine(self, prompt_ids: list[int], seed: int | None = None):
+        """Generator: yields lists of Requests, receives lists of (Completion, seconds); returns the result.
+
+        With a `seed`, the n-th request of this problem carries the seed `request_seed(seed, n)`."""
         cfg = self.config
+        made = 0
+
+        def seeded(request: Request) -> Request:
+            nonlocal made
+            if seed is not None:
+                request.seed = request_seed(seed, made)
+            made += 1
+            return request
         context, calls, flags = list(prompt_ids), [], []
         generated, blocks, finished = 0, 0, False
         limit = self.engine.max_context
@@ -173,7 +187,7 @@ class ParallelDecoder:
             if room() <= 0:
                 flags.append("token_budget" if cfg.max_new_tokens - generated <= 0 else "context_overflow")
                 break
-            request = Request(list(context), room(), seq_stops)
+            request = seeded(Request(list(context), room(), seq_stops))
             [(done, seconds)] = yield [request]
             calls.append(CallRecord(request.prompt_ids, done.ids, "sequential", 5 if blocks else 1,
                                     finish=done.finish, seconds=seconds))
@@ -210,7 +224,7 @@ class ParallelDecoder:
             if budget <= 0:
                 flags.append("context_overflow" if limit - len(context) - longest_prefix <= 0 else "token_budget")
                 break
-            requests = [Request(context + p, budget, (self.thread_close, self.eos)) for p in prefixes]
+            requests = [seeded(Request(context + p, budget, (self.thread_close, self.eos))) for p in prefixes]
             if cfg.thread_mode == "batched":
                 results = yield requests
             else:
@@ -249,15 +263,25 @@ class ParallelDecoder:
     # -- many problems -------------------------------------------------------------------------------
 
     def decode(self, prompts: Sequence[Sequence[int]] | Sequence[int], batch_size: int = 1,
-               progress: Callable[[int], None] | None = None) -> list[DecodeResult] | DecodeResult:
-        """Decode prompts (token ids), `batch_size` problems at a time. A single prompt gives one result."""
+               progress: Callable[[int], None] | None = None,
+               seeds: Sequence[int] | None = None) -> list[DecodeResult] | DecodeResult:
+        """Decode prompts (token ids), `batch_size` problems at a time. A single prompt gives one result.
+
+        `seeds` (one per prompt) seed every request of a problem on its own, so that a sampled result is a
+        function of (weights, prompt, seed) alone: the same whatever the batch size, the other prompts or
+        the rank that decodes it (P-GRPO's rollouts rely on this; `twlib.distributed_pgrpo`)."""
         single = bool(prompts) and isinstance(prompts[0], int)
         prompt_list = [list(prompts)] if single else [list(p) for p in prompts]
+        if seeds is not None:
+            seeds = [seeds] if single and isinstance(seeds, int) else list(seeds)
+            if len(seeds) != len(prompt_list):
+                raise ValueError(f"decode: {len(seeds)} seeds for {len(prompt_list)} prompts")
         results: list[DecodeResult | None] = [None] * len(prompt_list)
         for start in range(0, len(prompt_list), batch_size):
             chunk = range(start, min(start + batch_size, len(prompt_list)))
             began = time.perf_counter()
-            for i, result in self._run_batch({i: self._machine(prompt_list[i]) for i in chunk}):
+            machines = {i: self._machine(prompt_list[i], seeds[i] if seeds is not None else None) for i in chunk}
+            for i, result in self._run_batch(machines):
                 results[i] = result
             # Wall time per problem: exact at batch size 1 (the paper's setting), else the batch's time
             # shared equally, so that summing over problems gives the total wall time.
@@ -285,6 +309,11 @@ class ParallelDecoder:
                     pending[i] = machines[i].send(answer)
                 except StopIteration as stop:
                     yield i, stop.value
+
+
+def request_seed(seed: int, n: int) -> int:
+    """The seed of the n-th request of a problem seeded with `seed` (a 63-bit mix, stable across runs)."""
+    return (seed * 6364136223846793005 + (n + 1) * 1442695040888963407) % (1 << 63)
 
 
 def sequential_decoder(engine: Engine, tokenizer, config: DecodeConfig = DecodeConfig()) -> ParallelDecoder:
@@ -419,8 +448,15 @@ class HFEngine:
         last = logits[torch.arange(rows), torch.tensor(lengths, device=self.device) - 1]
         next_pos = torch.tensor([len(p) for p in prompts], device=self.device)
         # 3. Decode: finished rows leave the batch.
-        generator = None
-        if sampling.temperature > 0:
+        generator, row_generators = None, None
+        if sampling.temperature > 0 and any(r.seed is not None for r in requests):
+            # per-request seeds: one generator per row, so a row's tokens do not depend on its batch
+            row_generators = []
+            for r in requests:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(r.seed if r.seed is not None else (sampling.seed or 0) * 1_000_003 + self._calls)
+                row_generators.append(g)
+        elif sampling.temperature > 0:
             generator = torch.Generator(device=self.device)
             generator.manual_seed((sampling.seed or 0) * 1_000_003 + self._calls)
         outputs: list[list[int]] = [[] for _ in range(rows)]
@@ -428,7 +464,11 @@ class HFEngine:
         active = list(range(rows))
         stops = [set(r.stop_ids) for r in requests]
         while True:
-            tokens = _sample(last, sampling, generator).tolist()
+            if row_generators is None:
+                tokens = _sample(last, sampling, generator).tolist()
+            else:
+                tokens = [int(_sample(last[slot:slot + 1], sampling, row_generators[row])[0])
+                          for slot, row in enumerate(active)]
             keep = []
             for slot, (row, tok) in enumerate(zip(active, tokens)):
                 outputs[row].append(tok)

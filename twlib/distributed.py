@@ -97,7 +97,7 @@ import torch.distributed as dist
 
 from twlib import sft
 from twlib.sft import ConfigError, DataError, batch_loss, load_config, lr_factor
-from twlib.trie import IGNORE, PackedTrie, _decoder_and_head
+from twlib.trie import IGNORE, PackedTrie, logprobs
 
 __all__ = ["Launch", "Ranks", "TrieLoss", "checkpointed_logprobs", "rank_rows", "micro_batch_plan",
            "launch_options", "train", "DistResult", "main"]
@@ -207,32 +207,9 @@ def init_ranks(config) -> Ranks:
 # The loss module (the FSDP root) and the chunk-recomputing LM head
 
 
-def _chunk_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
 def checkpointed_logprobs(model, packed: PackedTrie, mask, chunk_size: int = 4096) -> torch.Tensor:
-    """`twlib.trie.logprobs` (parent-pointer targets, LM head in chunks of nodes), except that every chunk
-    runs under non-reentrant activation checkpointing: autograd keeps the chunk's hidden states
-    (chunk x hidden) instead of its fp32 logits (chunk x vocab), and recomputes the logits in the backward."""
-    from torch.utils.checkpoint import checkpoint
-
-    device = next(model.parameters()).device
-    packed = packed.to(device)
-    body, head = _decoder_and_head(model)
-    hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask,
-                  use_cache=False).last_hidden_state
-    rows, length = packed.shape
-    flat = hidden.reshape(rows * length, -1)
-    source = (packed.parents.clamp(min=0) + torch.arange(rows, device=device)[:, None] * length).reshape(-1)
-    targets = packed.input_ids.reshape(-1)
-    out = torch.zeros(rows * length, dtype=torch.float32, device=device)
-    where = (packed.parents >= 0).reshape(-1).nonzero().squeeze(-1)
-    for start in range(0, where.numel(), chunk_size):
-        idx = where[start:start + chunk_size]
-        out[idx] = checkpoint(_chunk_logprobs, head, flat[source[idx]], targets[idx], use_reentrant=False)
-    return out.view(rows, length)
+    """`twlib.trie.logprobs` with every LM-head chunk recomputed in the backward (`recompute=True`)."""
+    return logprobs(model, packed, mask=mask, chunk_size=chunk_size, recompute=True)
 
 
 def chunked_batch_loss(model, batch: PackedTrie, mask_kind: str, normalizer: float, chunk_size: int = 4096):
@@ -273,8 +250,10 @@ def precision(config, device: torch.device):
     return torch.float32, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def shard(model, ranks: Ranks, mask_kind: str, launch: Launch, mp_policy) -> TrieLoss:
-    """Wrap the model in TrieLoss and apply fully_shard: each decoder layer, then the root."""
+def shard(model, ranks: Ranks, mask_kind: str, launch: Launch, mp_policy, root=None) -> torch.nn.Module:
+    """Wrap the model in `root` (a loss module class taking (model, mask_kind, logits, logits_chunk);
+    default TrieLoss, the SFT loss; twlib.distributed_pgrpo passes its own) and apply fully_shard: each
+    decoder layer, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -285,7 +264,7 @@ def shard(model, ranks: Ranks, mask_kind: str, launch: Launch, mp_policy) -> Tri
         sft.enable_gradient_checkpointing(model)
     for layer in model.model.layers:
         fully_shard(layer, **options)
-    module = fully_shard(TrieLoss(model, mask_kind, launch.logits, launch.logits_chunk), **options)
+    module = fully_shard((root or TrieLoss)(model, mask_kind, launch.logits, launch.logits_chunk), **options)
     for unit in module.modules():
         if isinstance(unit, FSDPModule):  # SUM over ranks: the loss is already globally normalised
             unit.set_gradient_divide_factor(1.0)

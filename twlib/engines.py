@@ -53,8 +53,11 @@ Deviations and limits
 - A server stops at EOS whatever `stop_ids` says (the state machine always includes EOS anyway).
 - Re-tokenised text equals the generated ids only if the tokenizer round-trips (true for this lab's
   character tokenizer; a model that spells a tag out character by character would be re-read as the tag).
-- Sampling: `seed` is sent as given; HFEngine's per-call seeding cannot be reproduced over HTTP, so only
-  greedy decoding is comparable token for token across engines. llama.cpp servers apply their own
+- Sampling: a request's own seed (`Request.seed`, set by `ParallelDecoder.decode(seeds=...)`) is sent
+  as the body's `seed`, else `SamplingParams.seed`. `serve_hf` seeds each request alone, as vLLM does, so
+  per-request-seeded sampling through it equals the in-process HFEngine token for token (tested); a
+  batch-wide `SamplingParams.seed` is HFEngine-only (it depends on the batch), and other engines sample
+  with their own generators, so across engines only greedy decoding is comparable token for token. llama.cpp servers apply their own
   defaults (repeat penalty 1.1, top-k 40, min-p 0.05): pass `extra_body=LLAMA_CPP_NEUTRAL_SAMPLING`.
 - `max_context` is asked from `GET /v1/models` (`max_model_len`: vLLM, SGLang, serve_hf) unless given;
   llama.cpp servers do not report it, so pass it.
@@ -74,6 +77,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from twlib.decoding import Completion, Request, SamplingParams
@@ -247,8 +251,9 @@ def completion_payload(request: Request, sampling: SamplingParams, model: str | 
     }
     if model is not None:
         body["model"] = model
-    if sampling.seed is not None:
-        body["seed"] = sampling.seed
+    seed = request.seed if request.seed is not None else sampling.seed
+    if seed is not None:
+        body["seed"] = seed
     if stops:
         body["stop"] = list(stops)
     body.update(extra_body or {})
@@ -504,7 +509,8 @@ class VLLMEngine:
 
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
         params = [VLLMSamplingParams(max_tokens=r.max_new_tokens, stop_token_ids=list(r.stop_ids),
-                                     temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                                     temperature=sampling.temperature, top_p=sampling.top_p,
+                                     seed=r.seed if r.seed is not None else sampling.seed,
                                      detokenize=False)  # ids are all we read
                   for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -523,11 +529,40 @@ class VLLMEngine:
 
 @dataclass
 class _Job:
-    request: Request
-    sampling: SamplingParams
+    request: Request | None
+    sampling: SamplingParams | None
     done: threading.Event
     result: Completion | None = None
     error: BaseException | None = None
+    fn: Callable[[], object] | None = None  # run alone in the batcher thread (a weight load)
+
+
+def load_safetensors_dir(model, path) -> int:
+    """Copy the tensors of a directory's `*.safetensors` files into `model`'s parameters and buffers, in
+    place and under their `state_dict` names (what `save_pretrained` writes, or `twlib.distributed_pgrpo`'s
+    weight sync). A tied LM head may be absent (it is the embedding). Returns the number of tensors loaded;
+    raises ValueError naming the file and tensor on an unknown name or a shape mismatch, before changing
+    anything."""
+    import torch
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors file to load weights from")
+    own = model.state_dict(keep_vars=True)
+    loaded: dict[str, tuple[Path, torch.Tensor]] = {}
+    for file in files:
+        for name, tensor in load_file(str(file)).items():
+            if name not in own:
+                raise ValueError(f"{file}: tensor {name!r} is not a parameter of the served model")
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                raise ValueError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, the model's is "
+                                 f"{tuple(own[name].shape)}")
+            loaded[name] = (file, tensor)
+    with torch.no_grad():
+        for name, (_, tensor) in loaded.items():
+            own[name].copy_(tensor)
+    return len(loaded)
 
 
 class _Batcher:
@@ -542,6 +577,15 @@ class _Batcher:
 
     def submit(self, request: Request, sampling: SamplingParams) -> Completion:
         job = _Job(request, sampling, threading.Event())
+        self.jobs.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def call(self, fn: Callable[[], object]):
+        """Run `fn` in the batcher thread between two batches (no generation runs meanwhile)."""
+        job = _Job(None, None, threading.Event(), fn=fn)
         self.jobs.put(job)
         job.done.wait()
         if job.error is not None:
@@ -572,7 +616,22 @@ class _Batcher:
             jobs, stop = self._collect(first)
             groups: dict[SamplingParams, list[_Job]] = {}
             for job in jobs:
+                if job.fn is not None:  # the completions collected so far run first, with the old weights
+                    self._run(groups)
+                    groups = {}
+                    try:
+                        job.result = job.fn()
+                    except BaseException as e:
+                        job.error = e
+                    job.done.set()
+                    continue
                 groups.setdefault(job.sampling, []).append(job)
+            self._run(groups)
+            if stop:
+                return
+
+    def _run(self, groups: dict) -> None:
+        if groups:
             for sampling, group in groups.items():
                 self.batches.append(len(group))
                 try:
@@ -584,8 +643,6 @@ class _Batcher:
                         j.error = e
                 for j in group:
                     j.done.set()
-            if stop:
-                return
 
 
 class _BadRequest(Exception):
@@ -653,6 +710,7 @@ class CompletionServer(ThreadingHTTPServer):
         self.vocab_size = engine.model.get_input_embeddings().num_embeddings
         self.batcher = _Batcher(engine, batch_window)
         self.counter, self._counter_lock = 0, threading.Lock()
+        self.weight_loads = 0
         self._thread: threading.Thread | None = None
 
     @property
@@ -678,6 +736,29 @@ class CompletionServer(ThreadingHTTPServer):
     def __exit__(self, *exc):
         self.close()
 
+    # -- weight sync (twlib.distributed_pgrpo's `server` rollouts) ---------------------------------------
+
+    def load_weights(self, body: dict) -> dict:
+        """POST /load_weights {"path": DIR}: load DIR's safetensors into the served model, between batches,
+        and drop the prefix cache (its KV came from the old weights). Answers the number of tensors."""
+        path = body.get("path")
+        if not isinstance(path, str) or not path:
+            raise _BadRequest("'path' must name a directory of *.safetensors files")
+
+        def load():
+            n = load_safetensors_dir(self.engine.model, path)
+            self.engine.reset()
+            return n
+
+        n = self.batcher.call(load)
+        with self._counter_lock:
+            self.weight_loads += 1
+        return {"loaded": n, "path": path, "weight_loads": self.weight_loads}
+
+    def reset_prefix_cache(self) -> dict:
+        self.batcher.call(self.engine.reset)
+        return {"reset": True}
+
     # -- one completion ------------------------------------------------------------------------------
 
     def complete(self, body: dict) -> dict:
@@ -698,8 +779,9 @@ class CompletionServer(ThreadingHTTPServer):
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise _BadRequest("'seed' must be an integer")
-        sampling = SamplingParams(_number(body, "temperature", 1.0, low=0.0), _number(body, "top_p", 1.0, low=0.0), seed)
-        done = self.batcher.submit(Request(prompt, max_tokens, tuple(stops)), sampling)
+        # A seed seeds this request alone (vLLM's semantics): the batcher may batch it with any others.
+        sampling = SamplingParams(_number(body, "temperature", 1.0, low=0.0), _number(body, "top_p", 1.0, low=0.0))
+        done = self.batcher.submit(Request(prompt, max_tokens, tuple(stops), seed=seed), sampling)
         with self._counter_lock:
             self.counter += 1
         return self._reply(body, prompt, done, stops)
@@ -759,14 +841,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route GET {self.path}")
 
     def do_POST(self):
-        if self.path.rstrip("/") != "/v1/completions":
-            return self._error(404, f"no route POST {self.path} (this server has /v1/completions only)")
+        routes = {"/v1/completions": self.server.complete, "/load_weights": self.server.load_weights,
+                  "/reset_prefix_cache": lambda body: self.server.reset_prefix_cache()}
+        route = routes.get(self.path.rstrip("/"))
+        if route is None:
+            return self._error(404, f"no route POST {self.path} (this server has {', '.join(routes)})")
         try:
             length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length).decode("utf-8"))
+            body = json.loads(self.rfile.read(length).decode("utf-8") or "{}")
             if not isinstance(body, dict):
                 raise _BadRequest("the request body must be a JSON object")
-            reply = self.server.complete(body)
+            reply = route(body)
         except (_BadRequest, ValueError) as e:  # JSONDecodeError and the engine's own checks are ValueErrors
             return self._error(400, str(e))
         except Exception as e:

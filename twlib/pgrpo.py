@@ -32,8 +32,10 @@ Design choices, and where we deviate from the reference
 - The sequential baseline gets ordinary GRPO through the same code (`mode="sequential"`: one call per
   rollout, the trie of a group is then a plain prefix tree of k chains).
 - Rollouts use `HFEngine` in process (a fresh engine each step: its prefix cache never survives a weight
-  update). Sampling is seeded from (seed, step), and prompts are drawn from (seed, step) alone, so a
-  resumed run repeats exactly the steps an uninterrupted run would take (tested: same weights).
+  update). Every rollout is sampled with its own seed, from (seed, step, group, j), and prompts are drawn
+  from (seed, step) alone, so a resumed run repeats exactly the steps an uninterrupted run would take
+  (tested: same weights), and a run split over ranks draws the same rollouts (`twlib.distributed_pgrpo`,
+  which shares this module's rollouts, batches and loss, and adds FSDP2 and weight-synced engines).
 - Diagnostics per step (metrics.csv, progress bar): reward mean, mean in-group reward std, fraction of
   groups with zero std (no learning signal), accuracy, parallel rate, mean eta, mean self-parallelism,
   mean critical path and total tokens, truncation rate, loss, grad norm, seconds for rollouts/update.
@@ -252,6 +254,9 @@ class PGRPOConfig:
     mode               "parallel" (P-GRPO with the state machine) | "sequential" (GRPO, one call per rollout)
     task, n_train, n_eval, data_seed, task_options   the prompt pool: train split of make_splits (the eval
                        split is the same held-out set as SFT's)
+    data               a Parquet of Problems (`twlib.tasks.save_parquet`: prompt + answer) as the prompt pool
+                       instead (its first n_train); `task` then only names the grader: "groupsum",
+                       "multiply" or "math" (math-verify, for the paper's math prompts)
     prompts_per_step, rollouts_per_prompt, steps
     temperature, top_p, max_new_tokens, max_thread_tokens, rollout_batch (problems decoded together)
     acceleration, rho, rho_clip, incorrect_reward   the reward (twlib.rewards; paper form by default)
@@ -266,6 +271,7 @@ class PGRPOConfig:
     model: str = "assets/checkpoints/tiny-parallel"
     mode: str = "parallel"
     task: str = "groupsum"
+    data: str | None = None
     n_train: int = 2000
     n_eval: int = 500
     data_seed: int = 0
@@ -323,8 +329,10 @@ class PGRPOConfig:
                 bad(name, f"expected one of {', '.join(map(repr, options))}")
         from twlib.tasks import TASKS
 
-        if self.task not in TASKS:
-            bad("task", f"unknown task; known: {', '.join(sorted(TASKS))}")
+        if self.data is None and self.task not in TASKS:
+            bad("task", f"unknown task; known: {', '.join(sorted(TASKS))} (or 'math' with a `data` file)")
+        if self.data is not None and self.task not in (*TASKS, "math"):
+            bad("task", f"unknown grader; known: {', '.join(sorted(TASKS))}, 'math'")
         for name in ("n_train", "prompts_per_step", "rollouts_per_prompt", "steps", "max_new_tokens",
                      "max_thread_tokens", "rollout_batch", "updates_per_batch", "tokens_per_batch", "log_every"):
             if getattr(self, name) < 1:
@@ -366,12 +374,11 @@ def load_pgrpo_config(path=None, overrides: Sequence[str] = ()) -> PGRPOConfig:
 # Rollouts
 
 
-def prompt_pool(config: PGRPOConfig) -> list:
-    from twlib.tasks import make_splits
+def prompt_pool(config: PGRPOConfig, source: str | None = None) -> list:
+    """The prompts: the first n_train of `data`, or the train split of the generated task (as SFT's)."""
+    from twlib.sft import load_problems
 
-    task_config = get_task_config(config.task, config.task_options)
-    problems, _ = make_splits(config.task, config.n_train, config.n_eval, config.data_seed, task_config)
-    return problems
+    return load_problems(config, source)
 
 
 def step_prompts(pool: Sequence, config: PGRPOConfig, step: int) -> list:
@@ -386,21 +393,36 @@ def decode_config(config: PGRPOConfig, step: int) -> DecodeConfig:
                                                 seed=config.seed * 1_000_003 + step))
 
 
-def collect_rollouts(model, tokenizer, problems: Sequence, config: PGRPOConfig, step: int) -> list[Rollout]:
-    """k sampled rollouts per problem, scored, with group-centred advantages."""
-    engine = HFEngine(model, tokenizer)  # fresh: no KV from before the last weight update
+def rollout_seed(seed: int, step: int, group: int, j: int) -> int:
+    """The sampling seed of rollout j of prompt group `group` (its index in the step) at `step`."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + group) * 1_009 + j
+
+
+def collect_rollouts(model, tokenizer, problems: Sequence, config: PGRPOConfig, step: int, engine=None,
+                     groups: Sequence[int] | None = None) -> list[Rollout]:
+    """k sampled rollouts per problem, scored, with group-centred advantages.
+
+    `groups` are the problems' indices among the step's prompts (default 0, 1, ...). Every rollout is
+    seeded on its own from (seed, step, group, j) (`ParallelDecoder.decode(seeds=...)`), so it does not
+    depend on which other rollouts share its batch: a run split over ranks (`twlib.distributed_pgrpo`,
+    each rank decoding its own groups) draws exactly the rollouts of a single process. `engine` defaults to
+    a fresh HFEngine over `model` (no KV from before the last weight update); any `Engine` works.
+    """
+    engine = engine if engine is not None else HFEngine(model, tokenizer)
+    groups = list(range(len(problems))) if groups is None else list(groups)
     dcfg = decode_config(config, step)
     decoder = (ParallelDecoder(engine, tokenizer, dcfg) if config.mode == "parallel"
                else sequential_decoder(engine, tokenizer, dcfg))
     k = config.rollouts_per_prompt
     prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems for _ in range(k)]
-    results = decoder.decode(prompts, batch_size=config.rollout_batch)
+    seeds = [rollout_seed(config.seed, step, g, j) for g in groups for j in range(k)]
+    results = decoder.decode(prompts, batch_size=config.rollout_batch, seeds=seeds)
     rollouts = []
     for n, result in enumerate(results):
         p = problems[n // k]
         reward = (config.reward_fn(result.text, p.answer, result.stats) if config.reward_fn is not None
                   else score(result.text, p.answer, config.reward, stats=result.stats))
-        rollouts.append(Rollout(n // k, p.id, p.answer, result, reward))
+        rollouts.append(Rollout(groups[n // k], p.id, p.answer, result, reward))
     for g in range(len(problems)):
         members = rollouts[g * k:(g + 1) * k]
         for r, a in zip(members, group_advantages([m.reward.total for m in members], config.std_normalize)):
@@ -558,7 +580,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
         log(f"resumed from {checkpoint} at step {start}")
     else:
         torch.manual_seed(config.seed)
-    pool = prompt_pool(config)
+    pool = prompt_pool(config, source)
     metrics_path = out_dir / "metrics.csv"
     if start == 0 and metrics_path.exists():
         metrics_path.unlink()

@@ -381,8 +381,13 @@ def default_mask_kind(model) -> str:
     return {"flex_attention": "block", "eager": "float"}.get(impl, "bool")
 
 
+def _head_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
 def logprobs(model, packed: PackedTrie, mask=None, mask_kind: str | None = None,
-             chunk_size: int = 4096) -> torch.Tensor:
+             chunk_size: int = 4096, recompute: bool = False) -> torch.Tensor:
     """log p(token_i | ancestors of i) for every node, read at parent(i); 0 where parent(i) = -1.
 
         log p_i = z[parent(i), x_i] - logsumexp_v z[parent(i), v],   z = lm_head(h)
@@ -390,6 +395,10 @@ def logprobs(model, packed: PackedTrie, mask=None, mask_kind: str | None = None,
     Returns a float32 tensor shaped like `packed.input_ids`. The mask defaults to the kind the model's
     attention implementation needs (bool for sdpa, float for eager, BlockMask for flex_attention); pass
     `mask=` to use another one (e.g. `packed.causal_mask()` to show leakage).
+
+    `recompute=True` runs each chunk of the LM head under non-reentrant activation checkpointing: autograd
+    keeps the chunk's hidden states (chunk x hidden) instead of its fp32 logits (chunk x vocab) and
+    recomputes the logits in the backward (24.9 GB saved at 40,960 tokens x 151,936 vocab; same numbers).
     """
     device = next(model.parameters()).device
     packed = packed.to(device)
@@ -408,10 +417,14 @@ def logprobs(model, packed: PackedTrie, mask=None, mask_kind: str | None = None,
     has_parent = (packed.parents >= 0).reshape(-1)
     out = torch.zeros(rows * length, dtype=torch.float32, device=device)
     where = has_parent.nonzero().squeeze(-1)
+    if recompute:
+        from torch.utils.checkpoint import checkpoint
     for start in range(0, where.numel(), chunk_size):
         idx = where[start:start + chunk_size]
-        logits = head(flat[source[idx]]).float()
-        out[idx] = logits.gather(-1, targets[idx, None]).squeeze(-1) - logits.logsumexp(-1)
+        if recompute:
+            out[idx] = checkpoint(_head_logprobs, head, flat[source[idx]], targets[idx], use_reentrant=False)
+        else:
+            out[idx] = _head_logprobs(head, flat[source[idx]], targets[idx])
     return out.view(rows, length)
 
 

@@ -1,0 +1,238 @@
+"""twlib.distributed_pgrpo: FSDP2 P-GRPO over ranks reproduces the single-process twlib.pgrpo run.
+
+Two processes on gloo (torch.multiprocessing), the toy checkpoint, 3 prompts per step over 2 ranks (one
+rank rolls out 2 groups, the other 1, so their micro-batch counts differ and filler passes run), a reward
+that varies between rollouts (so every step has a gradient). What they check:
+- per-rollout seeds: a batch of rollouts decodes to the same texts whatever the batch it is part of;
+- 2 ranks with in-process (`hf`) rollout engines give the single-process per-step rewards, accuracy,
+  critical paths and token counts exactly, and its loss, grad norm and final weights to float tolerance;
+  that only holds if every rank's engine got the new weights after every step;
+- a run interrupted after step 3 (checkpoint at 2) and resumed ends where the uninterrupted run does;
+- `server` rollouts: each rank serves a RANDOMLY initialised model over HTTP (`twlib.engines.serve_hf`);
+  the trainer pushes its weights before the first step and after every step (safetensors + POST
+  /load_weights), and the run again equals the single-process one.
+"""
+
+import csv
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from twlib import distributed_pgrpo, pgrpo
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ROOT / "assets" / "checkpoints" / "toy-parallel"
+STEPS, INTERRUPT_AT = 4, 3
+
+
+def length_reward(text, answer, stats):
+    """Varies between rollouts of the barely trained toy model (its answers are all wrong)."""
+    from twlib.rewards import Reward
+
+    return Reward(total=stats.total / 100.0, correct=False, acceleration=0.0, eta=stats.eta, speedup=stats.speedup)
+
+
+def config(out_dir, **kw) -> pgrpo.PGRPOConfig:
+    base = dict(model=str(TOY), n_train=40, n_eval=10, prompts_per_step=3, rollouts_per_prompt=3, steps=STEPS,
+                max_new_tokens=160, max_thread_tokens=60, rollout_batch=4, tokens_per_batch=600, lr=1e-3,
+                temperature=1.2, out_dir=str(out_dir), checkpoint_every=2, progress=False, threads=1,
+                device="cpu", reward_fn=length_reward)
+    base.update(kw)
+    return pgrpo.PGRPOConfig(**base)
+
+
+def read_metrics(out_dir) -> list[dict]:
+    with open(Path(out_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def final_weights(out_dir) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(Path(out_dir) / "final")).state_dict()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks (fast)
+
+
+def test_groups_cover_the_step_once():
+    for n, world in ((3, 2), (8, 3), (1, 4)):
+        parts = [distributed_pgrpo.my_groups(n, r, world) for r in range(world)]
+        assert sorted(g for p in parts for g in p) == list(range(n))
+
+
+def test_per_rollout_seeds_make_rollouts_independent_of_the_batch():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from twlib.decoding import DecodeConfig, HFEngine, ParallelDecoder, SamplingParams
+
+    model, tok = AutoModelForCausalLM.from_pretrained(str(TOY)).eval(), AutoTokenizer.from_pretrained(str(TOY))
+    cfg = config("unused")
+    problems = pgrpo.prompt_pool(cfg)[:4]
+    prompts = [tok.encode(p.prompt, add_special_tokens=False) for p in problems for _ in range(2)]
+    seeds = [pgrpo.rollout_seed(0, 5, g, j) for g in range(4) for j in range(2)]
+    decoder = ParallelDecoder(HFEngine(model, tok), tok, DecodeConfig(max_new_tokens=160, max_thread_tokens=60,
+                                                                      sampling=SamplingParams(1.2)))
+    together = [r.text for r in decoder.decode(prompts, batch_size=8, seeds=seeds)]
+    alone = [decoder.decode(p, seeds=s).text for p, s in zip(prompts, seeds)]
+    backwards = [r.text for r in decoder.decode(prompts[::-1], batch_size=3, seeds=seeds[::-1])][::-1]
+    assert together == alone == backwards
+    assert len(set(together)) > 1  # sampled: the rollouts of a prompt differ
+    other = [r.text for r in decoder.decode(prompts, batch_size=8, seeds=[s + 1 for s in seeds])]
+    assert other != together
+
+
+def test_kl_is_refused_with_the_field_named(tmp_path):
+    from twlib.sft import ConfigError
+
+    with pytest.raises(ConfigError, match="kl_coef"):
+        distributed_pgrpo.train(config(tmp_path, kl_coef=0.1), quiet=True)
+
+
+def test_command_line_help_and_bad_config(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        distributed_pgrpo.main(["--help"])
+    assert e.value.code == 0 and "--rollout" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollouts_per_prompt: 1\n")
+    assert distributed_pgrpo.main(["--config", str(bad)]) == 2
+    assert "rollouts_per_prompt" in capsys.readouterr().err
+
+
+def test_server_loads_weights_between_batches(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from twlib.decoding import HFEngine
+    from twlib.engines import RequestRejected, request_json, serve_hf
+
+    tok = AutoTokenizer.from_pretrained(str(TOY))
+    served = AutoModelForCausalLM.from_pretrained(str(TOY)).eval()
+    target = {k: v + 0.01 for k, v in served.state_dict().items() if k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in target.items()}, str(tmp_path / "model.safetensors"))
+    with serve_hf(HFEngine(served, tok), tokenizer=tok) as server:
+        reply = request_json("POST", f"{server.url}/load_weights", {"path": str(tmp_path)})
+        assert reply["loaded"] == len(target) and reply["weight_loads"] == 1
+        for k, v in served.state_dict().items():
+            torch.testing.assert_close(v, target.get(k, target["model.embed_tokens.weight"]))
+        (tmp_path / "bad").mkdir()
+        save_file({"nonsense.weight": torch.zeros(2)}, str(tmp_path / "bad" / "model.safetensors"))
+        with pytest.raises(RequestRejected, match="nonsense.weight"):
+            request_json("POST", f"{server.url}/load_weights", {"path": str(tmp_path / "bad")})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two ranks against one process (slow)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _random_server(tok):
+    """A server whose model has the toy's shape and random weights: rollouts are garbage until synced."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from twlib.decoding import HFEngine
+    from twlib.engines import serve_hf
+
+    torch.manual_seed(123)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(TOY))).eval()
+    return serve_hf(HFEngine(model, tok), tokenizer=tok)
+
+
+def _worker(rank: int, world: int, port: int, root: str) -> None:
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    server = None
+    try:
+        distributed_pgrpo.train(config(Path(root) / "full"), quiet=True)
+
+        def stop(step, row):
+            if step == INTERRUPT_AT:
+                raise Interrupt
+
+        try:
+            distributed_pgrpo.train(config(Path(root) / "cut"), on_step=stop, quiet=True)
+            raise AssertionError("the run was not interrupted")
+        except Interrupt:
+            pass
+        distributed_pgrpo.train(config(Path(root) / "cut", resume=True), quiet=True)
+
+        server = _random_server(AutoTokenizer.from_pretrained(str(TOY)))
+        urls = [None] * world
+        dist.all_gather_object(urls, server.url)
+        distributed_pgrpo.train(config(Path(root) / "server"), rollout="server", server_urls=urls, quiet=True)
+        assert server.weight_loads == STEPS + 1, server.weight_loads  # before step 1, then after every step
+    finally:
+        if server is not None:
+            server.close()
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    pgrpo.train(config(out), quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    root = tmp_path_factory.mktemp("two_ranks")
+    mp.spawn(_worker, args=(2, free_port(), str(root)), nprocs=2, join=True)
+    return root
+
+
+EXACT = ("reward", "reward_std", "zero_std_groups", "accuracy", "parallel_rate", "eta", "speedup",
+         "critical_path", "total_tokens", "truncation_rate", "invalid_rate", "lr", "completion_tokens")
+
+
+def assert_same_run(out, reference):
+    rows, ref = read_metrics(out), read_metrics(reference)
+    assert len(rows) == len(ref) == STEPS
+    for r, e in zip(rows, ref):
+        for key in EXACT:
+            assert r[key] == e[key], (key, r, e)
+        assert float(r["loss"]) == pytest.approx(float(e["loss"]), rel=1e-4, abs=1e-7), (r, e)
+        assert float(r["grad_norm"]) == pytest.approx(float(e["grad_norm"]), rel=1e-4), (r, e)
+    a, b = final_weights(out), final_weights(reference)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_the_single_process_run(single, two_ranks):
+    assert_same_run(two_ranks / "full", single)
+    rows = read_metrics(single)
+    assert all(float(r["loss"]) != 0.0 for r in rows)  # every step had a learning signal
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(str(TOY)).state_dict()
+    after = final_weights(two_ranks / "full")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_result(single, two_ranks):
+    assert_same_run(two_ranks / "cut", single)
+
+
+@pytest.mark.slow
+def test_server_rollouts_with_weight_sync_match(single, two_ranks):
+    assert_same_run(two_ranks / "server", single)
+    assert (two_ranks / "server" / distributed_pgrpo.SYNC_DIR / "model.safetensors").is_file()

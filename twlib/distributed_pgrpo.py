@@ -1,0 +1,548 @@
+"""Distributed P-GRPO: an FSDP2 trainer whose rollout engines get the new weights after every step.
+
+    torchrun --nproc_per_node 8 -m twlib.distributed_pgrpo --config configs/qwen3-8b-pgrpo.yaml --rollout vllm
+    torchrun --nproc_per_node 2 -m twlib.distributed_pgrpo --config configs/tiny-pgrpo.yaml --set device=cpu
+    python -m twlib.distributed_pgrpo --config configs/tiny-pgrpo.yaml --rollout server --server-url URL
+
+One step (the algorithm of `twlib.pgrpo`, whose pieces are reused, not copied):
+
+    prompts    P = step_prompts(pool, seed, step)              the same list on every rank
+    mine       groups g of P with g mod W == rank              each rank rolls out whole groups
+    rollouts   k per group through the rank's rollout engine, rollout (g, j) seeded by (seed, step, g, j)
+    advantage  A_i = r_i - mean_{j in g(i)} r_j                local: a group never spans ranks
+    loss       L = -(1/N) sum_ranks sum_nodes w_n log p_n      N = all-reduced completion-token count
+    update     FSDP2 reduce-scatter (SUM), global grad-norm clip, AdamW on the shards
+    sync       every parameter all-gathered one at a time (DTensor.full_tensor) and handed to the engine
+
+Because a rollout's sampling depends only on (weights, prompt, its seed) and a group's advantages only on
+its own rewards, W ranks draw exactly the rollouts of one process, and the summed gradient is the
+single-process gradient (up to float summation order). tests/test_distributed_pgrpo.py checks this on
+CPU/gloo against `twlib.pgrpo.train`: same per-step rewards, losses, grad norms and final weights, also with
+the rollouts going through HTTP servers that receive the weights by the `server` sync below.
+
+Rollout engines (`--rollout`), one per rank, and how the weights reach them
+- `hf` (default; CPU, tests, small GPUs): an unsharded copy of the policy (the storage dtype on CPU,
+  bf16 on CUDA) decoded by `HFEngine`; sync = `copy_` of each gathered parameter. A fresh HFEngine per step,
+  so no KV computed with old weights survives.
+- `vllm` (the paper's "FSDP + vLLM", GPUs): `vllm.LLM` colocated on the rank's GPU (`VLLMEngine`, prefix
+  caching on, `enable_sleep_mode`); sync = the model runner's `load_weights` on buckets of gathered tensors
+  through `collective_rpc`, then `reset_prefix_cache()`; the engine sleeps (level 1) while the trainer
+  runs. vLLM's internals move between releases: this path follows vLLM's RLHF examples, and cannot be
+  run in this project's CPU tests (vllm is a GPU-only extra).
+- `server`: OpenAI-compatible `/v1/completions` servers, one URL per rank or shared (`--server-url`,
+  repeatable); sync = rank 0 writes the gathered weights as one safetensors file into
+  `out_dir/weights-sync/` (atomically), then every server is told `POST /load_weights {"path": ...}`.
+  `python -m twlib serve` implements that route (it loads between batches and drops its prefix cache).
+  `vllm serve` has no such route: use `vllm` rollouts, or a weight-sync server extension (TRL's
+  `trl vllm-serve` pattern: an NCCL group between trainer and server). Disk sync costs a write and a read
+  of the model per step: fine for small models, too slow for 8B every step.
+
+Memory (colocated, per GPU): the trainer's shards + gathered layer + the engine's own bf16 copy + its KV
+cache. `twlib.plan` prints the split for a config (`python -m twlib plan --dry-run CONFIG`); vLLM's
+`gpu_memory_utilization` must be the fraction left once the trainer is sharded (docs/full_scale.md).
+
+Checkpoints: `twlib.distributed`'s DCP checkpoints (model + AdamW shards, scheduler, trainer state; atomic
+swap); a resumed run syncs the restored weights to the engines before its first rollout and, since prompts
+and seeds are functions of (seed, step), repeats exactly the steps an uninterrupted run would take
+(tested). metrics.csv has `twlib.pgrpo.METRICS_FIELDS`, written by rank 0.
+
+Deviations and limits
+- `kl_coef > 0` is refused: the k3 penalty needs a second (reference) model sharded beside the policy; the
+  paper and its code use none. `twlib.pgrpo` (one process) has it.
+- `packing: group` puts all k rollouts of a prompt in one trie row; at the paper's 40,960-token budget use
+  `trajectory` (configs/qwen3-8b-pgrpo.yaml does).
+- Every rank holds the whole base model on the CPU before sharding, as in `twlib.distributed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from twlib import distributed, pgrpo, sft
+from twlib.distributed import Launch, Ranks, init_ranks, launch_options, precision
+from twlib.pgrpo import METRICS_FIELDS, PGRPOConfig, PolicyBatch, Rollout, load_pgrpo_config
+from twlib.sft import ConfigError, DataError
+from twlib.trie import collate, logprobs, pack
+
+__all__ = ["PolicyLogprobs", "HFRollouts", "VLLMRollouts", "ServerRollouts", "my_groups", "full_parameters",
+           "train", "main"]
+
+ROLLOUTS = ("hf", "vllm", "server")
+SYNC_DIR = "weights-sync"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The FSDP root: log p of every node of a micro-batch
+
+
+class PolicyLogprobs(torch.nn.Module):
+    """forward(rows) -> log p of every node (`twlib.trie.logprobs`). The FSDP root, as `TrieLoss` is for
+    SFT: its hooks gather the embedding, final norm and LM head, which `logprobs` calls directly."""
+
+    def __init__(self, model, mask_kind: str, logits: str = "twlib", logits_chunk: int = 4096):
+        super().__init__()
+        self.model = model
+        self.mask_kind, self.logits, self.logits_chunk = mask_kind, logits, logits_chunk
+
+    def forward(self, rows):
+        dtype = next(self.model.parameters()).dtype
+        rows = rows.to(next(self.model.parameters()).device)
+        mask = rows.attention_mask(self.mask_kind, dtype=dtype if dtype.is_floating_point else torch.float32)
+        return logprobs(self.model, rows, mask=mask, chunk_size=self.logits_chunk,
+                        recompute=self.logits == "chunked")
+
+
+def full_parameters(module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) of every parameter, gathered one at a time (a collective: call on every rank).
+
+    Only one parameter is ever unsharded, so the peak is the largest tensor (the 8B embedding: 1.2 GiB in
+    bf16), not the model. Tied weights appear once (under the embedding's name)."""
+    for name, p in module.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        yield name.removeprefix("model."), full.detach()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollout engines with a weight-sync path
+
+
+class HFRollouts:
+    """An unsharded copy of the policy decoded in process by `HFEngine`."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, device: torch.device, dtype: torch.dtype):
+        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self._params = dict(self.model.named_parameters())
+
+    def engine(self):
+        from twlib.decoding import HFEngine
+
+        return HFEngine(self.model, self.tokenizer)  # fresh: no KV cache from the old weights
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], ranks: Ranks) -> int:
+        n = 0
+        with torch.no_grad():
+            for name, tensor in weights:
+                if name not in self._params:
+                    raise KeyError(f"weight sync: {name!r} is not a parameter of the rollout model")
+                self._params[name].copy_(tensor)
+                n += 1
+        if n != len(self._params):
+            raise RuntimeError(f"weight sync: {n} tensors for {len(self._params)} parameters")
+        return n
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+
+class VLLMRollouts:
+    """`vllm.LLM` on the rank's GPU (colocated with the trainer); weights pushed through `collective_rpc`."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, tokenizer, bucket_bytes: int = 1 << 30, **llm_kwargs):
+        from twlib.engines import VLLMEngine
+
+        llm_kwargs.setdefault("enable_sleep_mode", True)
+        self.vllm = VLLMEngine(model_path, **llm_kwargs)
+        self.llm = self.vllm.llm
+        self.bucket_bytes = bucket_bytes
+        self.sleeping = False
+
+    def engine(self):
+        return self.vllm
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], ranks: Ranks) -> int:
+        def push(bucket):
+            # runs in vLLM's worker: the model runner's load_weights takes (name, tensor) pairs in HF names
+            self.llm.collective_rpc(_vllm_load_weights, args=(bucket,))
+
+        n, bucket, size = 0, [], 0
+        for name, tensor in weights:
+            bucket.append((name, tensor.to(torch.bfloat16)))
+            size += tensor.numel() * 2
+            n += 1
+            if size >= self.bucket_bytes:
+                push(bucket)
+                bucket, size = [], 0
+        if bucket:
+            push(bucket)
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        return n
+
+    def sleep(self) -> None:
+        if not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+
+def _vllm_load_weights(worker, weights) -> None:
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+class ServerRollouts:
+    """OpenAI-compatible servers; weights go through a safetensors file and `POST /load_weights`."""
+
+    name = "server"
+
+    def __init__(self, urls: Sequence[str], tokenizer, sync_dir: Path, ranks: Ranks, server_kind: str = "vllm",
+                 max_context: int | None = None):
+        from twlib.engines import engine_for_server
+
+        if not urls:
+            raise ConfigError("--rollout server needs at least one --server-url")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.url = self.urls[ranks.rank % len(self.urls)]
+        self.sync_dir = Path(sync_dir)
+        self._engine = engine_for_server(self.url, server_kind, tokenizer, max_context=max_context)
+
+    def engine(self):
+        return self._engine
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], ranks: Ranks) -> int:
+        import os
+        import shutil
+
+        from safetensors.torch import save_file
+
+        from twlib.engines import request_json
+
+        collected = {}
+        for name, tensor in weights:  # every rank takes part in the gathers; rank 0 keeps the tensors
+            if ranks.main:
+                collected[name] = tensor.to("cpu").contiguous().clone()
+        if ranks.main:
+            tmp = self.sync_dir.with_name(self.sync_dir.name + ".tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            save_file(collected, str(tmp / "model.safetensors"))
+            if self.sync_dir.exists():
+                shutil.rmtree(self.sync_dir)
+            os.replace(tmp, self.sync_dir)
+        dist.barrier()
+        for i, url in enumerate(self.urls):  # each server is told once, by rank i mod W
+            if i % ranks.world == ranks.rank:
+                request_json("POST", f"{url}/load_weights", {"path": str(self.sync_dir.resolve())})
+        dist.barrier()
+        return len(collected) if ranks.main else 0
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# One step, split over ranks
+
+
+def my_groups(n_groups: int, rank: int, world: int) -> list[int]:
+    """The step's prompt groups this rank rolls out: g = rank, rank + W, ..."""
+    return list(range(rank, n_groups, world))
+
+
+def _light(rollout: Rollout) -> Rollout:
+    """The rollout without its token lists (what the metrics need, cheap to gather on rank 0)."""
+    result = replace(rollout.result, prompt_ids=[], response_ids=[], calls=[], text="")
+    return replace(rollout, result=result)
+
+
+def _filler(tokenizer, problems) -> PolicyBatch:
+    """A one-trie batch with zero weights: a pass that runs the collectives and contributes nothing."""
+    ids = tokenizer.encode(problems[0].prompt, add_special_tokens=False)
+    rows = collate([pack([(ids[:-1] or ids, ids[-1:])], loss="completions")])
+    zeros = torch.zeros(rows.input_ids.shape)
+    return PolicyBatch(rows, zeros, zeros.clone(), zeros.clone(), 0)
+
+
+def _all_sum(values: Sequence[float], device) -> list[float]:
+    return distributed._all_sum(list(values), device)
+
+
+def _all_max(value: int, device) -> int:
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def update(module, optimizer, batch: PolicyBatch | None, filler: PolicyBatch, config: PGRPOConfig,
+           ranks: Ranks) -> dict:
+    """`twlib.pgrpo.update` over ranks: every rank runs the same number of passes (fillers where it has
+    fewer micro-batches); the loss is normalised by the global N, gradients are summed by FSDP."""
+    chunks = pgrpo.micro_batches(batch, config.tokens_per_batch) if batch is not None else []
+    passes = _all_max(len(chunks), ranks.device)
+    parts = [batch.select(c) for c in chunks] + [filler] * (passes - len(chunks))
+    real = [True] * len(chunks) + [False] * (passes - len(chunks))
+    n_tokens = int(_all_sum([batch.n_tokens if batch is not None else 0], ranks.device)[0])
+    old = None
+    if config.updates_per_batch > 1:
+        with torch.no_grad():
+            old = [module(part.rows) for part in parts]
+    out = {}
+    for _ in range(config.updates_per_batch):
+        loss_sum, clipped, active = 0.0, 0.0, 0.0
+        for j, (part, is_real) in enumerate(zip(parts, real)):
+            logp = module(part.rows)
+            lp = pgrpo.policy_loss(logp, part, old[j] if old else None, None, config.clip_low, config.clip_high,
+                                   0.0, normalizer=n_tokens)
+            loss = lp.loss if is_real else lp.loss * 0.0
+            loss.backward()
+            if is_real:
+                loss_sum += float(loss.detach())
+                n_active = int((part.counts > 0).sum())
+                clipped += lp.clip_frac * n_active
+                active += n_active
+        grad_norm = distributed._clip(optimizer, config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, clipped, active = _all_sum([loss_sum, clipped, active], ranks.device)
+        out = {"loss": loss_sum, "kl": 0.0, "clip_frac": clipped / active if active else 0.0, "grad_norm": grad_norm}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class DistPGRPOResult:
+    steps: int
+    final_dir: str
+    out_dir: str
+    wall_s: float
+    world_size: int
+    rollout: str
+    first: dict = field(default_factory=dict)
+    last: dict = field(default_factory=dict)
+
+
+def _check(config: PGRPOConfig, source: str | None) -> None:
+    if config.kl_coef > 0:
+        raise ConfigError(f"{source or 'config'}: field 'kl_coef': twlib.distributed_pgrpo has no reference model "
+                          f"(the paper uses none); set kl_coef: 0, or use twlib.pgrpo")
+    if config.reward_fn is not None and not callable(config.reward_fn):
+        raise ConfigError("reward_fn must be callable")
+
+
+def _make_rollouts(kind: str, model, tokenizer, config: PGRPOConfig, ranks: Ranks, storage_dtype,
+                   server_urls: Sequence[str], server_kind: str, vllm_kwargs: dict | None):
+    if kind == "hf":
+        dtype = torch.bfloat16 if ranks.device.type == "cuda" else storage_dtype
+        return HFRollouts(model, tokenizer, ranks.device, dtype)
+    if kind == "server":
+        return ServerRollouts(server_urls, tokenizer, Path(config.out_dir) / SYNC_DIR, ranks, server_kind)
+    if kind == "vllm":
+        kwargs = {"max_model_len": config.max_new_tokens + 512, "dtype": "bfloat16", **(vllm_kwargs or {})}
+        return VLLMRollouts(config.model, tokenizer, **kwargs)
+    raise ConfigError(f"rollout: expected one of {', '.join(ROLLOUTS)} (got {kind!r})")
+
+
+def train(config: PGRPOConfig, launch: Launch | None = None, rollout: str = "hf", server_urls: Sequence[str] = (),
+          server_kind: str = "vllm", vllm_kwargs: dict | None = None,
+          on_step: Callable[[int, dict], None] | None = None, quiet: bool = False,
+          source: str | None = None) -> DistPGRPOResult:
+    """Run P-GRPO over the process group (call on every rank). `on_step(step, row)` runs on every rank after
+    each step (after any checkpoint); raising from it on every rank stops the run (tests: interruption)."""
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(int(config.threads))
+    ranks = None
+    try:
+        config = copy.copy(config)
+        config.validate(source or "config")
+        _check(config, source)
+        ranks = init_ranks(config)
+        return _train(config, (launch or Launch()).validate(), ranks, rollout, server_urls, server_kind,
+                      vllm_kwargs, on_step, quiet, source)
+    finally:
+        torch.set_num_threads(threads)
+        if ranks is not None and ranks.created:
+            dist.destroy_process_group()
+
+
+def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, server_urls, server_kind,
+           vllm_kwargs, on_step, quiet: bool, source) -> DistPGRPOResult:
+    wall = time.perf_counter()
+
+    def log(message: str) -> None:
+        if ranks.main and not quiet:
+            print(message, flush=True)
+
+    rt = sft.resolve_runtime(distributed._with_device(config, ranks.device))
+    storage_dtype, mp_policy = precision(config, ranks.device)
+    out_dir = Path(config.out_dir)
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    checkpoint = sft.find_checkpoint(out_dir) if config.resume else None
+    torch.manual_seed(config.seed)
+
+    tokenizer = sft.load_tokenizer(config.model)
+    cpu = sft.Runtime(torch.device("cpu"), storage_dtype, rt.attn, rt.mask_kind, False)
+    try:
+        model = sft.load_base_model(config.model, tokenizer, config.seed, cpu)
+    except ConfigError as e:
+        raise ConfigError(f"{source or 'config'}: {e}") from None
+    model_config = copy.deepcopy(model.config)
+    engines = _make_rollouts(rollout, model, tokenizer, config, ranks, storage_dtype, server_urls, server_kind,
+                             vllm_kwargs)
+    model.train()
+    module = distributed.shard(model, ranks, rt.mask_kind, launch, mp_policy, root=PolicyLogprobs)
+    optimizer = torch.optim.AdamW(sft._param_groups(module, config.weight_decay), lr=config.lr,
+                                  betas=tuple(config.betas))
+    warmup_steps = round(config.warmup * config.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    start = 0
+    if checkpoint is not None:
+        trainer = distributed._load_checkpoint(checkpoint, module, optimizer, scheduler, ranks)
+        start = int(trainer["step"])
+        engines.load_weights(full_parameters(module), ranks)  # the engines still hold the starting weights
+        log(f"resumed from {checkpoint} at step {start} (saved by {trainer.get('world_size')} rank(s), "
+            f"now {ranks.world})")
+    elif rollout == "server":
+        engines.load_weights(full_parameters(module), ranks)  # the servers may serve anything: make it ours
+
+    pool = pgrpo.prompt_pool(config, source)
+    metrics_path = out_dir / "metrics.csv"
+    if ranks.main:
+        if start == 0 and metrics_path.exists():
+            metrics_path.unlink()
+        pgrpo._truncate_metrics(metrics_path, start)
+    log(f"distributed pgrpo: {ranks.world} rank(s) on {ranks.device.type}, rollouts {engines.name}, mode "
+        f"{config.mode}, {config.prompts_per_step} prompts x {config.rollouts_per_prompt} rollouts, {config.steps} "
+        f"steps, packing {config.packing}, reward {config.acceleration}, std_normalize {config.std_normalize}")
+    first = last = None
+    k = config.rollouts_per_prompt
+    writer_file = metrics_path.open("a", newline="") if ranks.main else None
+    try:
+        writer = csv.DictWriter(writer_file, fieldnames=METRICS_FIELDS) if writer_file else None
+        if writer and metrics_path.stat().st_size == 0:
+            writer.writeheader()
+        for step in range(start, config.steps):
+            t0 = time.perf_counter()
+            problems = pgrpo.step_prompts(pool, config, step)
+            groups = my_groups(len(problems), ranks.rank, ranks.world)
+            engines.wake()
+            rollouts = (pgrpo.collect_rollouts(None, tokenizer, [problems[g] for g in groups], config, step,
+                                               engine=engines.engine(), groups=groups) if groups else [])
+            engines.sleep()
+            t1 = time.perf_counter()
+            gathered = [None] * ranks.world
+            dist.all_gather_object(gathered, [_light(r) for r in rollouts])
+            everyone = sorted((r for part in gathered for r in part), key=lambda r: r.group)  # stable: j order kept
+            row = {"step": step + 1, **pgrpo.rollout_metrics(everyone, k), "lr": optimizer.param_groups[0]["lr"]}
+            has_tokens = any(r.pairs for r in rollouts)
+            batch = (pgrpo.build_batch(rollouts, config.packing, max_tokens=config.tokens_per_batch,
+                                       pad_id=tokenizer.pad_token_id or 0) if has_tokens else None)
+            row.update(update(module, optimizer, batch, _filler(tokenizer, problems), config, ranks))
+            scheduler.step()
+            engines.load_weights(full_parameters(module), ranks)
+            trie_tokens, completion = _all_sum([batch.rows.num_tokens if batch else 0, batch.n_tokens if batch else 0],
+                                               ranks.device)
+            row.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1, trie_tokens=int(trie_tokens),
+                       completion_tokens=int(completion))
+            row = {key: (round(v, 6) if isinstance(v, float) else v) for key, v in row.items()}
+            if writer:
+                writer.writerow(row)
+                writer_file.flush()
+            first, last = first or row, row
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                log(f"step {step + 1}/{config.steps} reward {row['reward']:.3f} acc {row['accuracy']:.3f} "
+                    f"parallel {row['parallel_rate']:.2f} eta {row['eta']:.3f} L {row['critical_path']:.1f} "
+                    f"zero-std {row['zero_std_groups']:.2f} loss {row['loss']:.4f} "
+                    f"({row['rollout_s']:.1f}s + {row['update_s']:.1f}s)")
+            done = step + 1
+            if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
+                distributed._save_checkpoint(out_dir, module, optimizer, scheduler,
+                                             {"step": done, "world_size": ranks.world, "format": "dcp"},
+                                             config, ranks)
+            if on_step is not None:
+                on_step(done, row)
+    finally:
+        if writer_file:
+            writer_file.close()
+
+    final_dir = distributed._save_final(out_dir, module, model_config, tokenizer, config, ranks)
+    result = DistPGRPOResult(config.steps, str(final_dir), str(out_dir), time.perf_counter() - wall, ranks.world,
+                             engines.name, first or {}, last or {})
+    if ranks.main:
+        (out_dir / "result.json").write_text(json.dumps(vars(result), indent=1))
+    log(f"done: {config.steps} steps on {ranks.world} rank(s) in {result.wall_s / 60:.1f} min -> {final_dir}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", required=True, help="YAML file of twlib.pgrpo.PGRPOConfig fields")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint if present")
+    parser.add_argument("--rollout", choices=ROLLOUTS, default="hf",
+                        help="rollout engine per rank: hf (in process), vllm (colocated), server (HTTP)")
+    parser.add_argument("--server-url", action="append", default=[],
+                        help="--rollout server: a /v1/completions server with POST /load_weights (repeatable; "
+                             "rank r uses URL r mod count)")
+    parser.add_argument("--server-kind", default="vllm", help="reply shape of the servers (twlib.engines)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="--rollout vllm: the fraction of GPU memory vLLM may take beside the trainer")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="per-layer activation checkpointing (default: the '# launcher:' block)")
+    parser.add_argument("--logits", choices=distributed.LOGITS, default=None,
+                        help="LM head: twlib keeps every chunk's logits, chunked recomputes them (default: launcher)")
+    parser.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                        help="FSDP2 CPUOffloadPolicy (default: the launcher's offload_optimizer)")
+    return parser
+
+
+def main_args(args: argparse.Namespace) -> int:
+    try:
+        config = load_pgrpo_config(args.config, args.set)
+        if args.resume:
+            config.resume = True
+        launch = launch_options(args.config, gradient_checkpointing=args.gradient_checkpointing,
+                                logits=args.logits, offload=args.offload)
+        vllm_kwargs = ({"gpu_memory_utilization": args.gpu_memory_utilization}
+                       if args.gpu_memory_utilization is not None else None)
+        train(config, launch, args.rollout, args.server_url, args.server_kind, vllm_kwargs, source=str(args.config))
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m twlib.distributed_pgrpo",
+                                                   description=__doc__.split("\n")[0]))
+    return main_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
