@@ -130,6 +130,40 @@ def test_server_loads_weights_between_batches(tmp_path):
             request_json("POST", f"{server.url}/load_weights", {"path": str(tmp_path / "bad")})
 
 
+def test_vllm_rollouts_call_sequence_with_a_recording_stand_in():
+    """The order the colocated vLLM engine is driven in: weights woken, loaded in buckets, prefix cache
+    reset, KV cache woken, rollouts, then level-2 sleep. A stand-in records the calls (vllm is GPU-only)."""
+    from twlib.distributed import Ranks
+
+    calls = []
+
+    class LLM:
+        def collective_rpc(self, fn, args=()):
+            calls.append(("load", [name for name, _ in args[0]]))
+
+        def reset_prefix_cache(self):
+            calls.append(("reset",))
+
+        def sleep(self, level):
+            calls.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            calls.append(("wake", tuple(tags)))
+
+    engine = distributed_pgrpo.VLLMRollouts.__new__(distributed_pgrpo.VLLMRollouts)
+    engine.llm, engine.bucket_bytes, engine.asleep = LLM(), 64, set()
+    ranks = Ranks(0, 1, 0, torch.device("cpu"), False)
+    weights = [("a", torch.zeros(16)), ("b", torch.zeros(16)), ("c", torch.zeros(4))]  # bf16: 32 + 32 + 8 bytes
+    engine.wake_cache()
+    engine.sleep()
+    engine.sleep()  # idempotent
+    engine.wake_weights()
+    assert engine.load_weights(iter(weights), ranks) == 3
+    engine.wake_cache()
+    assert calls == [("sleep", 2), ("wake", ("weights",)), ("load", ["a", "b"]), ("load", ["c"]), ("reset",),
+                     ("wake", ("kv_cache",))]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Two ranks against one process (slow)
 

@@ -26,9 +26,10 @@ Rollout engines (`--rollout`), one per rank, and how the weights reach them
   so no KV computed with old weights survives.
 - `vllm` (the paper's "FSDP + vLLM", GPUs): `vllm.LLM` colocated on the rank's GPU (`VLLMEngine`, prefix
   caching on, `enable_sleep_mode`); sync = the model runner's `load_weights` on buckets of gathered tensors
-  through `collective_rpc`, then `reset_prefix_cache()`; the engine sleeps (level 1) while the trainer
-  runs. vLLM's internals move between releases: this path follows vLLM's RLHF examples, and cannot be
-  run in this project's CPU tests (vllm is a GPU-only extra).
+  through `collective_rpc`, then `reset_prefix_cache()`. While the trainer runs the engine sleeps at level
+  2 (weights and KV cache freed); it wakes its weight memory for the sync and its KV cache for the
+  rollouts. vLLM's internals move between releases: this path follows vLLM's RLHF examples; the CPU tests
+  check its call sequence against a recording stand-in, not vLLM itself (a GPU-only extra).
 - `server`: OpenAI-compatible `/v1/completions` servers, one URL per rank or shared (`--server-url`,
   repeatable); sync = rank 0 writes the gathered weights as one safetensors file into
   `out_dir/weights-sync/` (atomically), then every server is told `POST /load_weights {"path": ...}`.
@@ -149,7 +150,10 @@ class HFRollouts:
     def sleep(self) -> None:
         pass
 
-    def wake(self) -> None:
+    def wake_weights(self) -> None:
+        pass
+
+    def wake_cache(self) -> None:
         pass
 
 
@@ -158,14 +162,16 @@ class VLLMRollouts:
 
     name = "vllm"
 
-    def __init__(self, model_path: str, tokenizer, bucket_bytes: int = 1 << 30, **llm_kwargs):
+    def __init__(self, model_path: str, tokenizer, ranks: Ranks, bucket_bytes: int = 1 << 30, **llm_kwargs):
         from twlib.engines import VLLMEngine
 
         llm_kwargs.setdefault("enable_sleep_mode", True)
+        if ranks.world > 1:  # one engine per torchrun rank (vLLM's SPMD mode, as TRL's colocate mode)
+            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
         self.vllm = VLLMEngine(model_path, **llm_kwargs)
         self.llm = self.vllm.llm
         self.bucket_bytes = bucket_bytes
-        self.sleeping = False
+        self.asleep: set[str] = set()
 
     def engine(self):
         return self.vllm
@@ -189,14 +195,21 @@ class VLLMRollouts:
         return n
 
     def sleep(self) -> None:
-        if not self.sleeping:
-            self.llm.sleep(level=1)
-            self.sleeping = True
+        """Level 2: drop the weights and the KV cache (the weights come back from the trainer next step)."""
+        if not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = {"weights", "kv_cache"}
 
-    def wake(self) -> None:
-        if self.sleeping:
-            self.llm.wake_up()
-            self.sleeping = False
+    def wake_weights(self) -> None:
+        """Weight memory only, before a sync: the KV cache is allocated after the trainer's gathers."""
+        if "weights" in self.asleep:
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
+
+    def wake_cache(self) -> None:
+        if "kv_cache" in self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep.discard("kv_cache")
 
 
 def _vllm_load_weights(worker, weights) -> None:
@@ -253,7 +266,10 @@ class ServerRollouts:
     def sleep(self) -> None:
         pass
 
-    def wake(self) -> None:
+    def wake_weights(self) -> None:
+        pass
+
+    def wake_cache(self) -> None:
         pass
 
 
@@ -358,7 +374,7 @@ def _make_rollouts(kind: str, model, tokenizer, config: PGRPOConfig, ranks: Rank
         return ServerRollouts(server_urls, tokenizer, Path(config.out_dir) / SYNC_DIR, ranks, server_kind)
     if kind == "vllm":
         kwargs = {"max_model_len": config.max_new_tokens + 512, "dtype": "bfloat16", **(vllm_kwargs or {})}
-        return VLLMRollouts(config.model, tokenizer, **kwargs)
+        return VLLMRollouts(config.model, tokenizer, ranks, **kwargs)
     raise ConfigError(f"rollout: expected one of {', '.join(ROLLOUTS)} (got {kind!r})")
 
 
@@ -409,10 +425,20 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
     except ConfigError as e:
         raise ConfigError(f"{source or 'config'}: {e}") from None
     model_config = copy.deepcopy(model.config)
-    engines = _make_rollouts(rollout, model, tokenizer, config, ranks, storage_dtype, server_urls, server_kind,
-                             vllm_kwargs)
+
+    def make_engines():
+        return _make_rollouts(rollout, model, tokenizer, config, ranks, storage_dtype, server_urls, server_kind,
+                              vllm_kwargs)
+
+    # hf copies the unsharded model; vLLM measures free GPU memory at start-up, so it comes after sharding
+    engines = make_engines() if rollout == "hf" else None
     model.train()
     module = distributed.shard(model, ranks, rt.mask_kind, launch, mp_policy, root=PolicyLogprobs)
+    engines = engines or make_engines()
+
+    def sync() -> None:
+        engines.wake_weights()
+        engines.load_weights(full_parameters(module), ranks)
     optimizer = torch.optim.AdamW(sft._param_groups(module, config.weight_decay), lr=config.lr,
                                   betas=tuple(config.betas))
     warmup_steps = round(config.warmup * config.steps)
@@ -422,11 +448,11 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
     if checkpoint is not None:
         trainer = distributed._load_checkpoint(checkpoint, module, optimizer, scheduler, ranks)
         start = int(trainer["step"])
-        engines.load_weights(full_parameters(module), ranks)  # the engines still hold the starting weights
+        sync()  # the engines still hold the starting weights
         log(f"resumed from {checkpoint} at step {start} (saved by {trainer.get('world_size')} rank(s), "
             f"now {ranks.world})")
     elif rollout == "server":
-        engines.load_weights(full_parameters(module), ranks)  # the servers may serve anything: make it ours
+        sync()  # the servers may serve anything: make it ours
 
     pool = pgrpo.prompt_pool(config, source)
     metrics_path = out_dir / "metrics.csv"
@@ -448,7 +474,7 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
             t0 = time.perf_counter()
             problems = pgrpo.step_prompts(pool, config, step)
             groups = my_groups(len(problems), ranks.rank, ranks.world)
-            engines.wake()
+            engines.wake_cache()
             rollouts = (pgrpo.collect_rollouts(None, tokenizer, [problems[g] for g in groups], config, step,
                                                engine=engines.engine(), groups=groups) if groups else [])
             engines.sleep()
@@ -462,7 +488,7 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
                                        pad_id=tokenizer.pad_token_id or 0) if has_tokens else None)
             row.update(update(module, optimizer, batch, _filler(tokenizer, problems), config, ranks))
             scheduler.step()
-            engines.load_weights(full_parameters(module), ranks)
+            sync()
             trie_tokens, completion = _all_sum([batch.rows.num_tokens if batch else 0, batch.n_tokens if batch else 0],
                                                ranks.device)
             row.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1, trie_tokens=int(trie_tokens),
