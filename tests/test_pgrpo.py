@@ -281,3 +281,33 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"bad.yaml.*temperature"):
         pgrpo.load_pgrpo_config(bad)
     assert pgrpo.main(["--config", str(bad)]) == 2
+
+
+def test_prompt_pool_from_a_jsonl_file(tmp_path, capsys):
+    from twlib.cli import main as cli
+    from twlib.tasks import load_parquet, problems_from_jsonl
+
+    good = tmp_path / "rl.jsonl"
+    good.write_text('{"problem": "What is 2+3?", "answer": "5"}\n\n{"problem": "Half of 8?", "answer": 4}\n')
+    problems = problems_from_jsonl(good, template="Q: {prompt}\nA:")
+    assert [(p.prompt, p.answer, p.task) for p in problems] == [("Q: What is 2+3?\nA:", "5", "math"),
+                                                               ("Q: Half of 8?\nA:", "4", "math")]
+    assert problems[1].meta["line"] == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "x", "answer": "1"}\n{"question": "y", "answer": "2"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'problem' is missing.*question"):
+        problems_from_jsonl(bad)
+    (tmp_path / "junk.jsonl").write_text("{nope\n")
+    with pytest.raises(ValueError, match=r"junk.jsonl:1: not JSON"):
+        problems_from_jsonl(tmp_path / "junk.jsonl")
+    out = tmp_path / "pool.parquet"
+    assert cli(["prompts", "--jsonl", str(good), "--out", str(out), "--task", "groupsum"]) == 0
+    assert cli(["prompts", "--jsonl", str(bad), "--out", str(out)]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    cfg = pgrpo.PGRPOConfig(data=str(out), task="math", n_train=1).validate()
+    assert [p.prompt for p in pgrpo.prompt_pool(cfg)] == ["What is 2+3?"]
+    assert load_parquet(out)[0].task == "groupsum"
+    with pytest.raises(Exception, match="task"):
+        pgrpo.PGRPOConfig(task="math").validate()  # math prompts are not generated: they need `data`
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        pgrpo.prompt_pool(pgrpo.PGRPOConfig(data=str(tmp_path / "missing.parquet"), task="math").validate())

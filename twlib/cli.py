@@ -119,6 +119,21 @@ def data(args) -> int:
     return 0
 
 
+def prompts(args) -> int:
+    from twlib.tasks import problems_from_jsonl, save_parquet
+
+    try:
+        problems = problems_from_jsonl(args.jsonl, args.prompt_field, args.answer_field, args.task,
+                                       args.template.replace("\\n", "\n"), args.id_field)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_parquet(problems, args.out)
+    print(f"{len(problems)} prompts ({args.task}) -> {args.out}")
+    return 0
+
+
 def evaluate_command(args) -> int:
     """Greedy evaluation of one checkpoint on the held-out split of the tiny task."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -205,6 +220,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="data")
     p.set_defaults(fn=data)
+    p = sub.add_parser("prompts", help="a prompt pool (P-GRPO `data`) from a JSON-lines file of problem + answer")
+    p.add_argument("--jsonl", required=True, help='one record per line, e.g. {"problem": ..., "answer": ...}')
+    p.add_argument("--out", required=True, help="Parquet to write (twlib.tasks.save_parquet)")
+    p.add_argument("--prompt-field", default="problem")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--id-field", default=None)
+    p.add_argument("--task", default="math", help="grader: math (math-verify), groupsum, multiply")
+    p.add_argument("--template", default="{prompt}", help="wraps the prompt text; \\n is a newline")
+    p.set_defaults(fn=prompts)
     p = sub.add_parser("eval", help="greedy evaluation of a checkpoint on the tiny task's held-out split")
     p.add_argument("--model", required=True, help="a directory written by save_pretrained (e.g. runs/x/final)")
     p.add_argument("--parallel", action="store_true", help="decode with the 5-phase state machine")

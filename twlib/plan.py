@@ -1045,8 +1045,14 @@ def _pgrpo_dry_run(config_path) -> tuple[str, Plan]:
     for memory in plan.memories:
         if memory.phase != "SFT":
             lines += _memory_lines(memory)
-    lines += ["\nnotes:", "  - twlib.pgrpo runs one process with in-process rollouts; the FSDP2 + vLLM trainer "
-              "for this scale is designed in docs/full_scale.md"]
+    if cfg.data is not None:
+        found = Path(cfg.data).is_file()
+        lines.insert(2, f"  prompts: {cfg.data} ({'found' if found else 'NOT FOUND yet: write it before launching'}), "
+                        f"graded as {cfg.task!r}")
+    lines += ["\nlaunch:", f"  torchrun --nproc_per_node {min(launcher.gpus, 8)} -m twlib.distributed_pgrpo --config "
+              f"{config_path} --rollout {'vllm' if launcher.gpus > 1 else 'hf'}",
+              "\nnotes:", "  - FSDP2 trainer + one rollout engine per rank, weights synced after every step "
+              "(twlib.distributed_pgrpo; docs/full_scale.md section 3); one process: python -m twlib pgrpo"]
     return "\n".join(lines), plan
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 from itertools import combinations
 import json
+from pathlib import Path
 import math
 import random
 import re
@@ -654,6 +655,41 @@ def to_dataset(problems: Sequence[Problem]):
 
 def from_dataset(ds) -> list[Problem]:
     return [_from_record(r) for r in ds]
+
+
+def problems_from_jsonl(path, prompt_field: str = "problem", answer_field: str = "answer", task: str = "math",
+                        template: str = "{prompt}", id_field: str | None = None) -> list[Problem]:
+    """A prompt pool (P-GRPO's `data`, a self-training pool) from a JSON-lines file of records such as
+    `{"problem": "...", "answer": "..."}` (what the RL sets of the paper's lineage, e.g. DeepScaleR or
+    MATH, look like once exported with `datasets`' `to_json`). `template` wraps the prompt text
+    (`{prompt}`: e.g. a chat template with the thinking prefix). Responses are left empty.
+
+    Raises ValueError naming the file, line and field on a bad line; an empty file is an error too."""
+    if "{prompt}" not in template:
+        raise ValueError(f"template must contain '{{prompt}}' (got {template!r})")
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+            for name in (prompt_field, answer_field):
+                value = record.get(name)
+                if value is None or (isinstance(value, str) and not value.strip()):
+                    raise ValueError(f"{path}:{n}: field {name!r} is missing or empty "
+                                     f"(fields here: {', '.join(sorted(record)) or 'none'})")
+            question = str(record[prompt_field])
+            pid = str(record[id_field]) if id_field and record.get(id_field) is not None else f"{Path(path).stem}-{n}"
+            problems.append(Problem(pid, task, question, template.replace("{prompt}", question), "", "",
+                                    str(record[answer_field]), {"source": str(path), "line": n}))
+    if not problems:
+        raise ValueError(f"{path}: no records")
+    return problems
 
 
 def save_parquet(problems: Sequence[Problem], path) -> None:
