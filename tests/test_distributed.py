@@ -15,13 +15,12 @@ The interruption is an exception raised on every rank after a step (as tests/tes
 run rebuilds model, optimizer and data from scratch and reads its state from the DCP checkpoint on disk.
 """
 
-import csv
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import final_weights, free_port, read_metrics
 
 from twlib import distributed, sft
 from twlib.format import engine_calls
@@ -43,23 +42,6 @@ INTERRUPT_AT = 3
 
 def config(out_dir, **overrides) -> SFTConfig:
     return SFTConfig(**{**FIELDS, "task_options": dict(SMALL_TASK), "out_dir": str(out_dir), **overrides})
-
-
-def read_metrics(out_dir) -> list[dict]:
-    with open(Path(out_dir) / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def final_weights(out_dir) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(Path(out_dir) / "final")).state_dict()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,12 +13,11 @@ that varies between rollouts (so every step has a gradient). What they check:
   /load_weights), and the run again equals the single-process one.
 """
 
-import csv
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import final_weights, free_port, read_metrics
 
 from twlib import distributed_pgrpo, pgrpo
 
@@ -41,23 +40,6 @@ def config(out_dir, **kw) -> pgrpo.PGRPOConfig:
                 device="cpu", reward_fn=length_reward)
     base.update(kw)
     return pgrpo.PGRPOConfig(**base)
-
-
-def read_metrics(out_dir) -> list[dict]:
-    with open(Path(out_dir) / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def final_weights(out_dir) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(Path(out_dir) / "final")).state_dict()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -623,11 +623,8 @@ def _with_device(config, device: torch.device):
 # Command line
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", required=True, help="YAML file of twlib.sft.SFTConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint if present")
+def add_launch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The memory-saver flags (defaults: the config's `# launcher:` block); shared with distributed_pgrpo."""
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="per-layer activation checkpointing (default: the '# launcher:' block)")
     parser.add_argument("--logits", choices=LOGITS, default=None,
@@ -640,14 +637,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def launch_from_args(args: argparse.Namespace) -> Launch:
+    return launch_options(args.config, gradient_checkpointing=args.gradient_checkpointing, logits=args.logits,
+                          logits_chunk=args.logits_chunk, offload=args.offload,
+                          max_position_embeddings=args.max_position_embeddings)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", required=True, help="YAML file of twlib.sft.SFTConfig fields")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint if present")
+    return add_launch_arguments(parser)
+
+
 def main_args(args: argparse.Namespace) -> int:
     try:
         overrides = list(args.set or []) + (["resume=true"] if args.resume else [])
         config = load_config(args.config, overrides)
-        launch = launch_options(args.config, gradient_checkpointing=args.gradient_checkpointing,
-                                logits=args.logits, logits_chunk=args.logits_chunk, offload=args.offload,
-                                max_position_embeddings=args.max_position_embeddings)
-        train(config, launch, source=str(args.config))
+        train(config, launch_from_args(args), source=str(args.config))
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -71,7 +71,7 @@ import torch
 import torch.distributed as dist
 
 from twlib import distributed, pgrpo, sft
-from twlib.distributed import Launch, Ranks, init_ranks, launch_options, precision
+from twlib.distributed import Launch, Ranks, init_ranks, precision
 from twlib.pgrpo import METRICS_FIELDS, PGRPOConfig, PolicyBatch, Rollout, load_pgrpo_config
 from twlib.sft import ConfigError, DataError
 from twlib.trie import collate, logprobs, pack
@@ -118,7 +118,20 @@ def full_parameters(module) -> Iterator[tuple[str, torch.Tensor]]:
 # Rollout engines with a weight-sync path
 
 
-class HFRollouts:
+class _AlwaysAwake:
+    """Engines without a sleep mode: nothing to free while the trainer runs."""
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_weights(self) -> None:
+        pass
+
+    def wake_cache(self) -> None:
+        pass
+
+
+class HFRollouts(_AlwaysAwake):
     """An unsharded copy of the policy decoded in process by `HFEngine`."""
 
     name = "hf"
@@ -146,15 +159,6 @@ class HFRollouts:
         if n != len(self._params):
             raise RuntimeError(f"weight sync: {n} tensors for {len(self._params)} parameters")
         return n
-
-    def sleep(self) -> None:
-        pass
-
-    def wake_weights(self) -> None:
-        pass
-
-    def wake_cache(self) -> None:
-        pass
 
 
 class VLLMRollouts:
@@ -216,7 +220,7 @@ def _vllm_load_weights(worker, weights) -> None:
     worker.model_runner.model.load_weights(weights=weights)
 
 
-class ServerRollouts:
+class ServerRollouts(_AlwaysAwake):
     """OpenAI-compatible servers; weights go through a safetensors file and `POST /load_weights`."""
 
     name = "server"
@@ -262,15 +266,6 @@ class ServerRollouts:
                 request_json("POST", f"{url}/load_weights", {"path": str(self.sync_dir.resolve())})
         dist.barrier()
         return len(collected) if ranks.main else 0
-
-    def sleep(self) -> None:
-        pass
-
-    def wake_weights(self) -> None:
-        pass
-
-    def wake_cache(self) -> None:
-        pass
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -528,9 +523,7 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", required=True, help="YAML file of twlib.pgrpo.PGRPOConfig fields")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint if present")
+    pgrpo.add_arguments(parser)  # --config, --set, --resume
     parser.add_argument("--rollout", choices=ROLLOUTS, default="hf",
                         help="rollout engine per rank: hf (in process), vllm (colocated), server (HTTP)")
     parser.add_argument("--server-url", action="append", default=[],
@@ -539,25 +532,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--server-kind", default="vllm", help="reply shape of the servers (twlib.engines)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="--rollout vllm: the fraction of GPU memory vLLM may take beside the trainer")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                        help="per-layer activation checkpointing (default: the '# launcher:' block)")
-    parser.add_argument("--logits", choices=distributed.LOGITS, default=None,
-                        help="LM head: twlib keeps every chunk's logits, chunked recomputes them (default: launcher)")
-    parser.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
-                        help="FSDP2 CPUOffloadPolicy (default: the launcher's offload_optimizer)")
-    return parser
+    return distributed.add_launch_arguments(parser)
 
 
 def main_args(args: argparse.Namespace) -> int:
+    if args.config is None:
+        print("error: --config is required", file=sys.stderr)
+        return 2
     try:
         config = load_pgrpo_config(args.config, args.set)
         if args.resume:
             config.resume = True
-        launch = launch_options(args.config, gradient_checkpointing=args.gradient_checkpointing,
-                                logits=args.logits, offload=args.offload)
         vllm_kwargs = ({"gpu_memory_utilization": args.gpu_memory_utilization}
                        if args.gpu_memory_utilization is not None else None)
-        train(config, launch, args.rollout, args.server_url, args.server_kind, vllm_kwargs, source=str(args.config))
+        train(config, distributed.launch_from_args(args), args.rollout, args.server_url, args.server_kind,
+              vllm_kwargs, source=str(args.config))
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
