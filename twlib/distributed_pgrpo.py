@@ -494,10 +494,7 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
                 writer_file.flush()
             first, last = first or row, row
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                log(f"step {step + 1}/{config.steps} reward {row['reward']:.3f} acc {row['accuracy']:.3f} "
-                    f"parallel {row['parallel_rate']:.2f} eta {row['eta']:.3f} L {row['critical_path']:.1f} "
-                    f"zero-std {row['zero_std_groups']:.2f} loss {row['loss']:.4f} "
-                    f"({row['rollout_s']:.1f}s + {row['update_s']:.1f}s)")
+                log(pgrpo.step_line(row, config.steps))
             done = step + 1
             if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
                 distributed._save_checkpoint(out_dir, module, optimizer, scheduler,

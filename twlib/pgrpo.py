@@ -494,6 +494,14 @@ def update(model, optimizer, batch: PolicyBatch, config: PGRPOConfig, mask_kind:
     return out
 
 
+def step_line(row: dict, steps: int) -> str:
+    """The log line of one step's metrics row."""
+    return (f"step {row['step']}/{steps} reward {row['reward']:.3f} acc {row['accuracy']:.3f} "
+            f"parallel {row['parallel_rate']:.2f} eta {row['eta']:.3f} L {row['critical_path']:.1f} "
+            f"zero-std {row['zero_std_groups']:.2f} loss {row['loss']:.4f} "
+            f"({row['rollout_s']:.1f}s + {row['update_s']:.1f}s)")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -619,10 +627,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}", eta=f"{row['eta']:.3f}")
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                log(f"step {step + 1}/{config.steps} reward {row['reward']:.3f} acc {row['accuracy']:.3f} "
-                    f"parallel {row['parallel_rate']:.2f} eta {row['eta']:.3f} L {row['critical_path']:.1f} "
-                    f"zero-std {row['zero_std_groups']:.2f} loss {row['loss']:.4f} "
-                    f"({row['rollout_s']:.1f}s + {row['update_s']:.1f}s)")
+                log(step_line(row, config.steps))
             done = step + 1
             if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
                 _save(out_dir, model, tokenizer, optimizer, scheduler, {"step": done}, config)
