@@ -255,10 +255,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("sft", help="supervised fine-tuning from a YAML config (twlib.sft)",
                        description="Trie SFT (mode parallel), the sequential baseline or the leakage ablation "
                                    "(mode causal); see twlib/sft.py and configs/tiny-*.yaml")
-    p.add_argument("--config", required=True, help="YAML file of twlib.sft.SFTConfig fields")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field, e.g. --set lr=1e-3 --set max_steps=50 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint if present")
+    from twlib.sft import add_arguments as sft_arguments
+
+    sft_arguments(p)
     p.set_defaults(fn=sft)
     p = sub.add_parser("pgrpo", help="P-GRPO (or GRPO for the sequential baseline) from a YAML config (twlib.pgrpo)",
                        description="Parallelization-aware GRPO on sampled state-machine rollouts; see "

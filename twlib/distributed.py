@@ -648,10 +648,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint if present")
-    return add_launch_arguments(parser)
+    from twlib.plan import add_dry_run_argument
+
+    return add_launch_arguments(add_dry_run_argument(parser))
 
 
 def main_args(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from twlib.plan import print_dry_run
+
+        return print_dry_run(args)
     try:
         overrides = list(args.set or []) + (["resume=true"] if args.resume else [])
         config = load_config(args.config, overrides)

@@ -536,6 +536,10 @@ def main_args(args: argparse.Namespace) -> int:
     if args.config is None:
         print("error: --config is required", file=sys.stderr)
         return 2
+    if args.dry_run:
+        from twlib.plan import print_dry_run
+
+        return print_dry_run(args)
     try:
         config = load_pgrpo_config(args.config, args.set)
         if args.resume:

@@ -660,10 +660,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of PGRPOConfig fields (configs/tiny-pgrpo.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     parser.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint")
-    return parser
+    from twlib.plan import add_dry_run_argument
+
+    return add_dry_run_argument(parser)
 
 
 def main_args(args: argparse.Namespace) -> int:
+    if getattr(args, "dry_run", False):
+        from twlib.plan import print_dry_run
+
+        if args.config is None:
+            print("error: --dry-run needs --config", file=sys.stderr)
+            return 2
+        return print_dry_run(args)
     try:
         config = load_pgrpo_config(args.config, args.set)
         if args.resume:

@@ -1009,7 +1009,7 @@ def _is_pgrpo_config(config_path) -> bool:
     return isinstance(raw, dict) and "rollouts_per_prompt" in raw
 
 
-def _pgrpo_dry_run(config_path) -> tuple[str, Plan]:
+def _pgrpo_dry_run(config_path, overrides=()) -> tuple[str, Plan]:
     """Validate a P-GRPO config, build its model on the meta device, and plan its RL phases."""
     from twlib.models import count_parameters
     from twlib.pgrpo import load_pgrpo_config
@@ -1017,7 +1017,7 @@ def _pgrpo_dry_run(config_path) -> tuple[str, Plan]:
     from twlib.models import QWEN3_CONFIGS
     from twlib.sft import ConfigError
 
-    cfg = load_pgrpo_config(config_path)
+    cfg = load_pgrpo_config(config_path, overrides)
     launcher = read_launcher(config_path)
     try:
         model, shape, model_note = resolve_model(cfg.model)
@@ -1056,14 +1056,15 @@ def _pgrpo_dry_run(config_path) -> tuple[str, Plan]:
     return "\n".join(lines), plan
 
 
-def dry_run_plan(config_path) -> tuple[str, Plan]:
-    """(report, plan) of a twlib.sft or twlib.pgrpo config; raises ConfigError / FileNotFoundError on a bad one."""
+def dry_run_plan(config_path, overrides=()) -> tuple[str, Plan]:
+    """(report, plan) of a twlib.sft or twlib.pgrpo config (with `--set KEY=VALUE` overrides); raises
+    ConfigError / FileNotFoundError on a bad one."""
     from twlib.models import count_parameters
     from twlib.sft import ConfigError, load_config
 
     if _is_pgrpo_config(config_path):
-        return _pgrpo_dry_run(config_path)
-    cfg = load_config(config_path)
+        return _pgrpo_dry_run(config_path, overrides)
+    cfg = load_config(config_path, overrides)
     launcher = read_launcher(config_path)
     model, shape, model_note = resolve_model(cfg.model)
     unknown = [t for t in cfg.lora_targets if t not in LORA_TARGETS] if cfg.lora else []
@@ -1078,9 +1079,29 @@ def dry_run_plan(config_path) -> tuple[str, Plan]:
     return "\n".join(lines), plan
 
 
-def dry_run(config_path) -> str:
-    """The dry-run report of a twlib.sft config (see dry_run_plan)."""
-    return dry_run_plan(config_path)[0]
+def dry_run(config_path, overrides=()) -> str:
+    """The dry-run report of a twlib.sft or twlib.pgrpo config (see dry_run_plan)."""
+    return dry_run_plan(config_path, overrides)[0]
+
+
+def add_dry_run_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--dry-run` for the trainers' command lines (twlib sft / pgrpo / distributed / distributed_pgrpo)."""
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config (with --set), build the model on the meta device, print the "
+                             "sharding plan and memory estimate, and exit (twlib.plan)")
+    return parser
+
+
+def print_dry_run(args) -> int:
+    """The trainers' `--dry-run`: the report on stdout and 0, or the error on stderr and 2."""
+    from twlib.sft import ConfigError, DataError
+
+    try:
+        print(dry_run(args.config, list(args.set or [])))
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1143,11 +1143,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set lr=1e-3 --set max_steps=50 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint if present")
-    return parser
+    from twlib.plan import add_dry_run_argument
+
+    return add_dry_run_argument(parser)
 
 
 def main_args(args: argparse.Namespace) -> int:
     """Run from parsed arguments (`twlib.cli` delegates here). Config errors print and return 2."""
+    if getattr(args, "dry_run", False):
+        from twlib.plan import print_dry_run
+
+        return print_dry_run(args)
     try:
         overrides = list(args.set or []) + (["resume=true"] if getattr(args, "resume", False) else [])
         config = load_config(args.config, overrides)
@@ -1161,3 +1167,7 @@ def main_args(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="python -m twlib sft", description=__doc__.split("\n")[0]))
     return main_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
