@@ -12,10 +12,12 @@ Modules (each opens with a docstring listing its design choices):
 - `twlib.rewards`, `twlib.pgrpo`: correctness + acceleration rewards; P-GRPO on group-packed trie rows.
 - `twlib.datagen`: two-stage parallel data generation (strong-model rewriting, self-training), Table-8 stats.
 - `twlib.distributed`: FSDP2 trie SFT under torchrun (same rows and loss as twlib.sft).
+- `twlib.distributed_pgrpo`: FSDP2 P-GRPO under torchrun, one rollout engine per rank (HF, colocated vLLM
+  or HTTP servers) with the weights synced after every step (same rollouts and loss as twlib.pgrpo).
 - `twlib.plan`: memory/time/cost planner for Qwen3 SFT and RL, and config dry runs.
 - `twlib.eval`: accuracy, critical paths, speed-ups, wall clock, figures.
 - `twlib.pipeline`: the tiny end-to-end run; `twlib.viz`: figures and the mask explorer;
-  `twlib.cli`: `python -m twlib demo | pipeline | sft | pgrpo | eval | data | plan | serve`.
+  `twlib.cli`: `python -m twlib demo | pipeline | sft | pgrpo | eval | data | prompts | plan | rewrite | arc | serve`.
 """
 
 __version__ = "0.1.0"
