@@ -491,6 +491,8 @@ def test_run_arc_tiny(tmp_path):
     assert dg.run_arc(config) == report  # everything done: nothing is recomputed
     assert (out / "sft1" / "final" / "model.safetensors").stat().st_mtime == stamp
     assert "sft1" in dg.format_arc(report)
+    assert report["keep"] == "format" and report["config"]["n_seed"] == 4
+    assert "self-training kept" in dg.format_arc(report) and "(format;" in dg.format_arc(report)
 
 
 def test_trajectory_html():

@@ -1286,6 +1286,10 @@ def run_arc(config: ArcConfig = ArcConfig()) -> dict:
         report["sft2"] = _arc_eval(config, "sft2", sft2, sets["eval"])
     else:
         report["sft2"] = {"skipped": "self-training kept no trajectory"}
+    report["keep"] = "format+correct" if config.self_train.require_correct else "format"
+    report["config"] = {"model": config.model, "n_seed": config.n_seed, "n_pool": config.n_pool,
+                        "n_eval": config.n_eval, "sft1_epochs": config.sft1.get("epochs"),
+                        "sft2_epochs": config.sft2.get("epochs"), "mix_seed": config.mix_seed}
     report["paper_format_correct"] = PAPER_FORMAT
     (out / "arc.json").write_text(json.dumps(report, indent=1))
     _say(config, format_arc(report))
@@ -1303,7 +1307,9 @@ def format_arc(report: dict) -> str:
             lines.append(f"{stage:12s} {r.get('skipped', 'not run')}")
     counts = report.get("self_train", {}).get("counts", {})
     if counts:
-        lines.append(f"self-training kept {counts['kept']} of {counts['decoded']} decoded trajectories")
+        lines.append(f"self-training kept {counts['kept']} of {counts['decoded']} decoded trajectories "
+                     f"({report.get('keep', 'format+correct')}; decoded: format {100 * counts['format_valid']:.1f}%, "
+                     f"accuracy {100 * counts['accuracy']:.1f}%, parallel {100 * counts['parallel_rate']:.1f}%)")
     return "\n".join(lines)
 
 
@@ -1365,7 +1371,8 @@ def _arc_command(args) -> int:
                        mix_seed=args.mix_seed)
     config.sft1["epochs"], config.sft2["epochs"] = args.sft1_epochs, args.sft2_epochs
     config.self_train = dataclasses.replace(config.self_train, temperature=args.temperature,
-                                            samples_per_prompt=args.samples_per_prompt)
+                                            samples_per_prompt=args.samples_per_prompt,
+                                            require_correct=args.keep == "correct")
     run_arc(config)
     return 0
 
@@ -1397,6 +1404,9 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--samples-per-prompt", type=int, default=1)
     p.add_argument("--mix-seed", action="store_true", help="train the second SFT on kept + seed trajectories")
+    p.add_argument("--keep", choices=["correct", "format"], default="correct",
+                   help="self-training keeps format-valid AND correct trajectories (the paper), or format-valid "
+                        "ones only (for a model that solves almost nothing)")
     p.set_defaults(fn=_arc_command)
     args = parser.parse_args(argv)
     return args.fn(args)
