@@ -100,8 +100,8 @@ class PolicyLogprobs(torch.nn.Module):
         dtype = next(self.model.parameters()).dtype
         rows = rows.to(next(self.model.parameters()).device)
         mask = rows.attention_mask(self.mask_kind, dtype=dtype if dtype.is_floating_point else torch.float32)
-        return logprobs(self.model, rows, mask=mask, chunk_size=self.logits_chunk,
-                        recompute=self.logits == "chunked")
+        lp = logprobs(self.model, rows, mask=mask, chunk_size=self.logits_chunk, recompute=self.logits == "chunked")
+        return lp.clone()  # not a view: FSDP2 hooks the root's output for the backward (a view could lose it)
 
 
 def full_parameters(module) -> Iterator[tuple[str, torch.Tensor]]:
