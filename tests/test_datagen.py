@@ -16,7 +16,8 @@ from twlib.decoding import Completion
 from twlib.format import DISTANCE_EXAMPLE, FormatError, engine_calls
 from twlib.tasks import GroupSumConfig, generate
 
-TOY = Path(__file__).resolve().parent.parent / "assets" / "checkpoints" / "toy-parallel"
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ROOT / "assets" / "checkpoints" / "toy-parallel"
 SMALL_TASK = {"max_groups": 3, "group_weights": None, "min_items": 2, "max_items": 3}
 PARALLEL_TASK = GroupSumConfig(min_groups=2, max_groups=3, group_weights=None, min_items=2, max_items=3)
 
@@ -500,3 +501,19 @@ def test_trajectory_html():
     assert page.count("display:flex") == 1 and "thread 2: Compute (y2-y1)^2." in page
     assert dg.THREAD_COLOURS[0] in page and dg.THREAD_COLOURS[1] in page
     assert "format error" in dg.trajectory_html("<Parallel>oops")
+
+
+def test_shipped_arc_reports_are_consistent():
+    """assets/arc/*.json (the two full-size arcs in the README): complete, and their counts add up."""
+    reports = sorted((ROOT / "assets" / "arc").glob("*.json"))
+    assert [p.name for p in reports] == ["seed1000-correct.json", "seed150-format.json"]
+    for path in reports:
+        report = json.loads(path.read_text())
+        counts, stats = report["self_train"]["counts"], report["self_train"]["stats"]
+        assert counts["decoded"] == report["config"]["n_pool"] and stats["n"] == counts["kept"] <= counts["decoded"]
+        assert counts["kept"] / counts["decoded"] == pytest.approx(counts["yield"])
+        if report["keep"] == "format+correct":  # the strict filter keeps at most the correct ones
+            assert counts["kept"] <= round(counts["accuracy"] * counts["decoded"])
+        for stage in ("sft1", "sft2"):
+            assert report[stage]["problems"] == report["config"]["n_eval"] == 500
+        assert "sft2" in dg.format_arc(report)

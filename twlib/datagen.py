@@ -1151,7 +1151,7 @@ PAPER_FORMAT = {"sft1": 56.4, "sft2": 77.0}  # format correctness (%), spec sect
 
 @dataclass
 class ArcConfig:
-    """The arc's sizes and steps. Defaults are the full-size run (hours on 2 CPU cores); tests shrink them.
+    """The arc's sizes and steps. Defaults are the full-size run (32 min on 2 CPU cores; assets/arc/); tests shrink them.
 
     model        the start model: a sequential base (the pipeline's `runs/tiny/base/final`), a preset name
                  (`tiny`: from scratch) or any parallel checkpoint
