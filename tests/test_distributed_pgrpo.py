@@ -24,6 +24,7 @@ from twlib import distributed_pgrpo, pgrpo
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "assets" / "checkpoints" / "toy-parallel"
 STEPS, INTERRUPT_AT = 4, 3
+PPO = dict(steps=2, updates_per_batch=2, lr=3e-3)  # two updates per batch: old log-probs, clipped ratios
 
 
 def length_reward(text, answer, stats):
@@ -186,6 +187,8 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             pass
         distributed_pgrpo.train(config(Path(root) / "cut", resume=True), quiet=True)
 
+        distributed_pgrpo.train(config(Path(root) / "ppo", **PPO), quiet=True)
+
         server = _random_server(AutoTokenizer.from_pretrained(str(TOY)))
         urls = [None] * world
         dist.all_gather_object(urls, server.url)
@@ -205,6 +208,13 @@ def single(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def single_ppo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_ppo")
+    pgrpo.train(config(out, **PPO), quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     import torch.multiprocessing as mp
 
@@ -217,9 +227,9 @@ EXACT = ("reward", "reward_std", "zero_std_groups", "accuracy", "parallel_rate",
          "critical_path", "total_tokens", "truncation_rate", "invalid_rate", "lr", "completion_tokens")
 
 
-def assert_same_run(out, reference):
+def assert_same_run(out, reference, steps=STEPS):
     rows, ref = read_metrics(out), read_metrics(reference)
-    assert len(rows) == len(ref) == STEPS
+    assert len(rows) == len(ref) == steps
     for r, e in zip(rows, ref):
         for key in EXACT:
             assert r[key] == e[key], (key, r, e)
@@ -252,3 +262,10 @@ def test_interrupted_run_resumes_to_the_same_result(single, two_ranks):
 def test_server_rollouts_with_weight_sync_match(single, two_ranks):
     assert_same_run(two_ranks / "server", single)
     assert (two_ranks / "server" / distributed_pgrpo.SYNC_DIR / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_ppo_clipping_over_ranks_matches(single_ppo, two_ranks):
+    """updates_per_batch=2: the second update of each batch uses clipped ratios to the first's log-probs."""
+    assert_same_run(two_ranks / "ppo", single_ppo, steps=PPO["steps"])
+    assert any(float(r["clip_frac"]) > 0 for r in read_metrics(two_ranks / "ppo"))  # clipping did happen
