@@ -434,11 +434,8 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
     def sync() -> None:
         engines.wake_weights()
         engines.load_weights(full_parameters(module), ranks)
-    optimizer = torch.optim.AdamW(sft._param_groups(module, config.weight_decay), lr=config.lr,
-                                  betas=tuple(config.betas))
-    warmup_steps = round(config.warmup * config.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+
+    optimizer, scheduler = pgrpo.make_optimizer(module, config)
     start = 0
     if checkpoint is not None:
         trainer = distributed._load_checkpoint(checkpoint, module, optimizer, scheduler, ranks)

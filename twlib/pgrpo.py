@@ -494,6 +494,17 @@ def update(model, optimizer, batch: PolicyBatch, config: PGRPOConfig, mask_kind:
     return out
 
 
+def make_optimizer(model, config: PGRPOConfig):
+    """AdamW (no decay on embeddings and 1-d parameters) and the schedule: linear warm-up over
+    `warmup` x steps, then constant. Shared with twlib.distributed_pgrpo (where `model` is the FSDP root)."""
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=tuple(config.betas))
+    warmup_steps = round(config.warmup * config.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    return optimizer, scheduler
+
+
 def step_line(row: dict, steps: int) -> str:
     """The log line of one step's metrics row."""
     return (f"step {row['step']}/{steps} reward {row['reward']:.3f} acc {row['accuracy']:.3f} "
@@ -573,11 +584,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
         ref_model = load_base_model(config.model, tokenizer, config.seed, rt).eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
-                                  betas=tuple(config.betas))
-    warmup_steps = round(config.warmup * config.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    optimizer, scheduler = make_optimizer(model, config)
     start = 0
     if checkpoint is not None:
         state = load_checkpoint_state(checkpoint)
