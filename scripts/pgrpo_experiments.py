@@ -1,8 +1,11 @@
 """The P-GRPO experiments of the tiny task, and the table/curves committed to `assets/pgrpo/`.
 
     .venv/bin/python scripts/pgrpo_experiments.py [--steps 40] [--n-eval 500] [--out assets/pgrpo]
+    .venv/bin/python scripts/pgrpo_experiments.py --parallel-model runs/long/parallel2/final \
+        --sequential-model runs/long/sequential/final --runs runs/long --out assets/pgrpo-long
 
-Runs, from the shipped SFT checkpoints (`assets/checkpoints/tiny-parallel`, `tiny-sequential`):
+Runs, from the shipped SFT checkpoints (`assets/checkpoints/tiny-parallel`, `tiny-sequential`; or the
+two models given):
 1. P-GRPO on the parallel model          (configs/tiny-pgrpo.yaml)
 2. the same with std normalisation       (configs/tiny-pgrpo-std.yaml)
 3. GRPO on the sequential baseline       (configs/tiny-grpo-sequential.yaml)
@@ -45,6 +48,10 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="runs", help="where the RL runs write (out_dir = RUNS/tiny-<name>)")
     parser.add_argument("--out", default=str(ROOT / "assets" / "pgrpo"))
     parser.add_argument("--only", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--parallel-model", default=str(ROOT / "assets" / "checkpoints" / "tiny-parallel"),
+                        help="the SFT model P-GRPO starts from")
+    parser.add_argument("--sequential-model", default=str(ROOT / "assets" / "checkpoints" / "tiny-sequential"),
+                        help="the SFT model sequential GRPO starts from, and the speed-up's reference")
     args = parser.parse_args(argv)
 
     from twlib.eval import compare, summarize
@@ -55,7 +62,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     finals = {}
     for name in args.only:
-        overrides = [f"out_dir={args.runs}/tiny-{name}", "resume=true", "progress=false"]
+        start = args.sequential_model if name == "grpo-sequential" else args.parallel_model
+        overrides = [f"model={start}", f"out_dir={args.runs}/tiny-{name}", "resume=true", "progress=false"]
         if args.steps:
             overrides.append(f"steps={args.steps}")
         config = load_pgrpo_config(ROOT / "configs" / RUNS[name], overrides)
@@ -66,9 +74,8 @@ def main(argv=None) -> int:
         finals[name] = (str(final), config.mode == "parallel")
 
     problems = eval_problems(load_config(ROOT / "configs" / "tiny-base.yaml"))[: args.n_eval]
-    assets = ROOT / "assets" / "checkpoints"
-    models = {"sft-parallel": (str(assets / "tiny-parallel"), True),
-              "sft-sequential": (str(assets / "tiny-sequential"), False), **finals}
+    models = {"sft-parallel": (args.parallel_model, True), "sft-sequential": (args.sequential_model, False),
+              **finals}
     rows = {name: evaluate(path, parallel, problems) for name, (path, parallel) in models.items()}
     table = []
     for name, result in rows.items():
