@@ -227,7 +227,7 @@ EXACT = ("reward", "reward_std", "zero_std_groups", "accuracy", "parallel_rate",
          "critical_path", "total_tokens", "truncation_rate", "invalid_rate", "lr", "completion_tokens")
 
 
-def assert_same_run(out, reference, steps=STEPS):
+def assert_same_run(out, reference, steps=STEPS, lr=1e-3, updates_per_batch=1):
     rows, ref = read_metrics(out), read_metrics(reference)
     assert len(rows) == len(ref) == steps
     for r, e in zip(rows, ref):
@@ -237,8 +237,12 @@ def assert_same_run(out, reference, steps=STEPS):
         assert float(r["grad_norm"]) == pytest.approx(float(e["grad_norm"]), rel=1e-4), (r, e)
     a, b = final_weights(out), final_weights(reference)
     assert a.keys() == b.keys()
+    # Weights to 0.1% of the furthest Adam can move one (lr per update): Adam divides each gradient by its
+    # own magnitude, so where a weight's gradient nearly cancels, the summation-order noise of 2 ranks vs 1
+    # process is amplified to a visible share of a step (seen: 0.14% of one step, on 1 of 34,304 weights).
+    atol = 1e-3 * lr * steps * updates_per_batch
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol)
 
 
 @pytest.mark.slow
@@ -267,5 +271,5 @@ def test_server_rollouts_with_weight_sync_match(single, two_ranks):
 @pytest.mark.slow
 def test_ppo_clipping_over_ranks_matches(single_ppo, two_ranks):
     """updates_per_batch=2: the second update of each batch uses clipped ratios to the first's log-probs."""
-    assert_same_run(two_ranks / "ppo", single_ppo, steps=PPO["steps"])
+    assert_same_run(two_ranks / "ppo", single_ppo, **PPO)
     assert any(float(r["clip_frac"]) > 0 for r in read_metrics(two_ranks / "ppo"))  # clipping did happen
