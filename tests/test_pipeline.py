@@ -47,3 +47,25 @@ def test_from_assets_evaluates_the_shipped_checkpoints(tmp_path, capsys):
         theirs = read_rows(assets / f"eval_{name}.csv")[:12]
         assert [r.text for r in ours] == [r.text for r in theirs]
     assert "done already" not in capsys.readouterr().out
+
+
+def test_from_assets_long_evaluates_the_longer_recipes_models(tmp_path, capsys):
+    """`--from-assets --long`: the tiny-long-* checkpoints, which reproduce assets/long's per-problem rows."""
+    from pathlib import Path
+
+    from twlib.cli import main
+    from twlib.eval import read_rows
+
+    assert main(["pipeline", "--from-assets", "--long", "--out", str(tmp_path), "--n-eval", "12",
+                 "--wall-problems", "2"]) == 0
+    table = {r["model"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
+    assert float(table["parallel"]["accuracy"]) > 90 and float(table["sequential"]["accuracy"]) > 90
+    assert "train_min" not in table["parallel"]  # the demo recipe's training times do not apply
+    assets = Path(__file__).resolve().parent.parent / "assets" / "long"
+    for name, stage in (("parallel", "parallel2"), ("sequential", "sequential")):
+        ours = read_rows(tmp_path / f"eval_{name}.csv")
+        assert [r.text for r in ours] == [r.text for r in read_rows(assets / f"eval_{stage}.csv")[:12]]
+    # --long trains nothing: without --from-assets it is refused with the way to train it
+    capsys.readouterr()
+    assert main(["pipeline", "--long", "--out", str(tmp_path / "x")]) == 2
+    assert "scripts/long_recipe.sh" in capsys.readouterr().err

@@ -174,8 +174,12 @@ def pipeline(args) -> int:
     quick = args.from_assets
     n_eval = args.n_eval if args.n_eval is not None else (100 if quick else 500)
     wall = args.wall_problems if args.wall_problems is not None else (20 if quick else 100)
-    cfg = PipelineConfig(out=args.out, fresh=args.fresh, from_assets=args.from_assets, n_eval=n_eval,
-                         wall_problems=wall, overrides=tuple(args.set), pgrpo=args.pgrpo)
+    cfg = PipelineConfig(out=args.out, fresh=args.fresh, from_assets=args.from_assets, long=args.long,
+                         n_eval=n_eval, wall_problems=wall, overrides=tuple(args.set), pgrpo=args.pgrpo)
+    if args.long and not args.from_assets:
+        print("twlib pipeline: --long evaluates the longer recipe's shipped models and needs --from-assets; "
+              "to train that recipe run `bash scripts/long_recipe.sh`", file=sys.stderr)
+        return 2
     run(cfg)
     return 0
 
@@ -244,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/tiny")
     p.add_argument("--fresh", action="store_true", help="delete OUT and start over (default: resume)")
     p.add_argument("--from-assets", action="store_true", help="evaluate the shipped checkpoints only")
+    p.add_argument("--long", action="store_true",
+                   help="with --from-assets: the longer recipe's models (tiny-long-*, 99.4%% / 100%%)")
     p.add_argument("--pgrpo", action="store_true", help="also run P-GRPO on the parallel model (~6 min more)")
     p.add_argument("--n-eval", type=int, default=None,
                    help="held-out problems evaluated (default 500; 100 with --from-assets)")

@@ -2,6 +2,7 @@
 
     python -m twlib demo                 # everything from scratch (~30 min on 2 CPU cores), resumable
     python -m twlib demo --from-assets   # evaluate the shipped checkpoints (under a minute)
+    python -m twlib demo --from-assets --long   # the longer recipe's shipped models (scripts/long_recipe.sh)
 
 Stages, mirroring the paper at toy scale:
 0. data: the tiny task's train/eval splits (Parquet) and the oracle ceiling of perfect trajectories;
@@ -47,6 +48,7 @@ class PipelineConfig:
     eval_batch: int = 32
     max_new_tokens: int = 512
     from_assets: bool = False
+    long: bool = False  # with from_assets: the longer recipe's models (assets/checkpoints/tiny-long-*)
     assets: str = str(ROOT / "assets" / "checkpoints")
     fresh: bool = False
     progress: bool | None = None
@@ -201,6 +203,9 @@ def run(cfg: PipelineConfig) -> list[dict]:
     from twlib.tasks import format_ceiling, oracle_ceiling
 
     out = Path(cfg.out)
+    if cfg.long and not cfg.from_assets:
+        raise ValueError("--long evaluates the longer recipe's shipped models and needs --from-assets; "
+                         "to train that recipe run `bash scripts/long_recipe.sh`")
     if cfg.fresh and out.exists() and not cfg.from_assets:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,12 +219,13 @@ def run(cfg: PipelineConfig) -> list[dict]:
     training: dict = {}
     if cfg.from_assets:
         assets = Path(cfg.assets)
-        models = {name: str(assets / f"tiny-{name}") for name in ("parallel", "sequential")
-                  if (assets / f"tiny-{name}").is_dir()}
+        prefix = "tiny-long-" if cfg.long else "tiny-"
+        models = {name: str(assets / f"{prefix}{name}") for name in ("parallel", "sequential")
+                  if (assets / f"{prefix}{name}").is_dir()}
         if len(models) < 2:
-            raise FileNotFoundError(f"shipped checkpoints not found under {assets}")
-        summary = assets / "train_summary.json"
-        if summary.is_file():
+            raise FileNotFoundError(f"shipped checkpoints {prefix}parallel and {prefix}sequential not found under {assets}")
+        summary = assets / "train_summary.json"  # the demo recipe's training times
+        if summary.is_file() and not cfg.long:
             training = json.loads(summary.read_text())
     else:
         for stage in STAGES:
