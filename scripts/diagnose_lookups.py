@@ -88,13 +88,13 @@ def teacher_forced(model_dir: str, n: int) -> None:
 
 
 def decoded(path: str) -> None:
-    from twlib.eval import read_rows
+    from twlib.eval import accuracy_by_k, read_rows
     from twlib.sft import eval_problems, load_config
 
     problems = {p.id: p for p in eval_problems(load_config("configs/tiny-base.yaml"))}
     groups = groups_ok = steps = steps_ok = 0
-    by_k: dict = {}
-    for r in read_rows(path):
+    rows = read_rows(path)
+    for r in rows:
         p = problems[r.id]
         for g, value in enumerate(p.meta["group_results"]):
             found = re.findall(rf"^{chr(65 + g)}=(\d)$", r.text, re.M)
@@ -106,10 +106,9 @@ def decoded(path: str) -> None:
             if m:
                 steps += 1
                 steps_ok += digits.get(m.group(1)) == m.group(2)
-        by_k.setdefault(r.k, []).append(r.correct)
     print(f"{path}: group results right {100 * groups_ok / groups:.1f}%, item copies right "
           f"{100 * steps_ok / max(steps, 1):.1f}% ({steps} steps); exact answers by groups: "
-          + ", ".join(f"k={k} {sum(v)}/{len(v)}" for k, v in sorted(by_k.items())))
+          + ", ".join(f"k={k} {right}/{total}" for k, (right, total) in accuracy_by_k(rows).items()))
 
 
 def main(argv=None) -> int:

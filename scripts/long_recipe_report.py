@@ -17,18 +17,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# stage -> (row name, what it is)
+# stage -> the table's row name
 STAGES = {"parallel2": "parallel (trie SFT, 2 + 3 epochs)", "parallel": "parallel (trie SFT, 2 epochs)",
           "sequential": "sequential baseline", "base-long2": "base (1.5 + 2 + 2 epochs)"}
-
-
-def accuracy_by_k(rows) -> dict[int, tuple[int, int]]:
-    out: dict[int, list[int]] = {}
-    for r in rows:
-        right_total = out.setdefault(r.k, [0, 0])
-        right_total[0] += r.correct
-        right_total[1] += 1
-    return {k: (v[0], v[1]) for k, v in sorted(out.items())}
 
 
 def main(argv=None) -> int:
@@ -37,7 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "assets" / "long"))
     args = parser.parse_args(argv)
 
-    from twlib.eval import compare, read_rows, summarize
+    from twlib.eval import accuracy_by_k, compare, read_rows, summarize
 
     runs, out = Path(args.runs), Path(args.out)
     missing = [f"{runs / s / 'eval.csv'}" for s in STAGES if not (runs / s / "eval.csv").is_file()]

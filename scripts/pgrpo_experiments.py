@@ -1,8 +1,9 @@
 """The P-GRPO experiments of the tiny task, and the table/curves committed to `assets/pgrpo/`.
 
     .venv/bin/python scripts/pgrpo_experiments.py [--steps 40] [--n-eval 500] [--out assets/pgrpo]
-    .venv/bin/python scripts/pgrpo_experiments.py --parallel-model runs/long/parallel2/final \
-        --sequential-model runs/long/sequential/final --runs runs/long --out assets/pgrpo-long
+    .venv/bin/python scripts/pgrpo_experiments.py --parallel-model runs/long/parallel/final \
+        --sequential-model runs/long/sequential/final --runs runs/long/rl --out assets/pgrpo-long \
+        --only pgrpo pgrpo-std          # assets/pgrpo-long/ (after scripts/long_recipe.sh)
 
 Runs, from the shipped SFT checkpoints (`assets/checkpoints/tiny-parallel`, `tiny-sequential`; or the
 two models given):

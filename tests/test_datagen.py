@@ -506,7 +506,8 @@ def test_trajectory_html():
 def test_shipped_arc_reports_are_consistent():
     """assets/arc/*.json (the full-size arcs in the README): complete, and their counts add up."""
     reports = sorted((ROOT / "assets" / "arc").glob("*.json"))
-    assert {p.name for p in reports} >= {"seed1000-correct.json", "seed150-format.json", "long-seed150-correct.json"}
+    assert {p.name for p in reports} >= {"seed1000-correct.json", "seed150-format.json", "long-seed1000-correct.json",
+                                         "long-seed150-correct.json"}
     for path in reports:
         report = json.loads(path.read_text())
         counts, stats = report["self_train"]["counts"], report["self_train"]["stats"]

@@ -3,7 +3,7 @@
 import pytest
 
 from twlib.decoding import DecodeConfig, ParallelDecoder, sequential_decoder
-from twlib.eval import compare, evaluate, pareto_figure, read_rows, speedup_histogram, summarize, write_rows
+from twlib.eval import ProblemResult, accuracy_by_k, compare, evaluate, pareto_figure, read_rows, speedup_histogram, summarize, write_rows
 from twlib.format import path_stats
 from twlib.tasks import generate
 from twlib.tokenizer import build_tokenizer
@@ -61,3 +61,14 @@ def test_rows_round_trip_and_figures(setup, tmp_path):
     assert len(pareto_figure({"a": (1, 2)}, {"b": (3, 4)}).data) == 2
     with pytest.raises(ValueError):
         compare(par[:3], seq[1:4])
+
+
+def test_accuracy_by_k_counts_per_number_of_groups():
+    def row(k, correct):
+        return ProblemResult(id="p", k=k, answer="", predicted=None, correct=correct, valid=True, parallel=False,
+                             finished=True, flags="", total=1, longest=1, eta=0.0, threads=0, blocks=0,
+                             seconds=0.0, text="")
+
+    rows = [row(3, True), row(1, False), row(3, False), row(1, True), row(None, True), row(3, True)]
+    assert accuracy_by_k(rows) == {1: (1, 2), 3: (2, 3), None: (1, 1)}
+    assert list(accuracy_by_k(rows)) == [1, 3, None]  # in order of k, problems without k last

@@ -7,16 +7,14 @@ table can be traced to a model in the repository.
 
 import csv
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from twlib.eval import compare, read_rows, summarize
+from twlib.eval import accuracy_by_k, compare, read_rows, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = ROOT / "assets" / "long"
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def table():
@@ -24,8 +22,6 @@ def table():
 
 
 def test_long_table_follows_from_its_rows():
-    from long_recipe_report import accuracy_by_k
-
     rows = table()
     assert set(rows) == {"parallel2", "parallel", "sequential", "base-long2"}
     seq = read_rows(LONG / "eval_sequential.csv")

@@ -139,7 +139,7 @@ def evaluate_command(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from twlib.decoding import DecodeConfig, HFEngine, ParallelDecoder, sequential_decoder
-    from twlib.eval import evaluate, summarize, write_rows
+    from twlib.eval import accuracy_by_k, evaluate, summarize, write_rows
     from twlib.sft import eval_problems, load_config
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -160,9 +160,8 @@ def evaluate_command(args) -> int:
     print(f"{args.model}: {s['problems']} problems, accuracy {100 * s['accuracy']:.1f}%, format valid "
           f"{100 * s['format_valid']:.1f}%, parallel {100 * s['parallel_rate']:.1f}%, token latency "
           f"{s['mean_token_latency']:.1f}, total tokens {s['mean_total_tokens']:.1f}, {s['seconds']:.1f} s")
-    for k in sorted({r.k for r in rows}):
-        part = [r for r in rows if r.k == k]
-        print(f"  k={k}: {sum(r.correct for r in part)}/{len(part)} correct")
+    for k, (right, total) in accuracy_by_k(rows).items():
+        print(f"  k={k}: {right}/{total} correct")
     if args.out:
         write_rows(args.out, rows)
     return 0
@@ -174,11 +173,11 @@ def pipeline(args) -> int:
     quick = args.from_assets
     n_eval = args.n_eval if args.n_eval is not None else (100 if quick else 500)
     wall = args.wall_problems if args.wall_problems is not None else (20 if quick else 100)
-    cfg = PipelineConfig(out=args.out, fresh=args.fresh, from_assets=args.from_assets, long=args.long,
-                         n_eval=n_eval, wall_problems=wall, overrides=tuple(args.set), pgrpo=args.pgrpo)
-    if args.long and not args.from_assets:
-        print("twlib pipeline: --long evaluates the longer recipe's shipped models and needs --from-assets; "
-              "to train that recipe run `bash scripts/long_recipe.sh`", file=sys.stderr)
+    try:
+        cfg = PipelineConfig(out=args.out, fresh=args.fresh, from_assets=args.from_assets, long=args.long,
+                             n_eval=n_eval, wall_problems=wall, overrides=tuple(args.set), pgrpo=args.pgrpo)
+    except ValueError as e:  # a bad combination of options: say which, no traceback
+        print(f"twlib pipeline: {e}", file=sys.stderr)
         return 2
     run(cfg)
     return 0

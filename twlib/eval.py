@@ -77,6 +77,15 @@ def summarize(rows: Sequence[ProblemResult]) -> dict:
     }
 
 
+def accuracy_by_k(rows: Sequence[ProblemResult]) -> dict:
+    """{k: (correct, problems)} per number of groups k (the task's `meta["k"]`), in order of k."""
+    out: dict = {}
+    for r in rows:
+        right, total = out.get(r.k, (0, 0))
+        out[r.k] = (right + r.correct, total + 1)
+    return dict(sorted(out.items(), key=lambda item: (item[0] is None, item[0] or 0)))
+
+
 def speedups(parallel: Sequence[ProblemResult], sequential: Sequence[ProblemResult]) -> list[float]:
     """Per problem: sequential model's tokens / parallel model's critical path (same problems, same order)."""
     if [r.id for r in parallel] != [r.id for r in sequential]:

@@ -56,6 +56,11 @@ class PipelineConfig:
     pgrpo: bool = False  # also run P-GRPO on the parallel model (configs/tiny-pgrpo.yaml, ~6 min) and evaluate it
     pgrpo_overrides: tuple[str, ...] = ()  # `key=value` for the P-GRPO config
 
+    def __post_init__(self):
+        if self.long and not self.from_assets:
+            raise ValueError("--long evaluates the longer recipe's shipped models and needs --from-assets; "
+                             "to train that recipe run `bash scripts/long_recipe.sh`")
+
 
 def _say(text: str) -> None:
     print(text, flush=True)
@@ -203,9 +208,6 @@ def run(cfg: PipelineConfig) -> list[dict]:
     from twlib.tasks import format_ceiling, oracle_ceiling
 
     out = Path(cfg.out)
-    if cfg.long and not cfg.from_assets:
-        raise ValueError("--long evaluates the longer recipe's shipped models and needs --from-assets; "
-                         "to train that recipe run `bash scripts/long_recipe.sh`")
     if cfg.fresh and out.exists() and not cfg.from_assets:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
