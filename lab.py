@@ -13,6 +13,8 @@ Design choices
 - The CPU path installs a CPU build of torch: a wheel in pip's find-links if there is one, else (Linux)
   the PyTorch CPU index, since PyPI's Linux wheels are multi-GB CUDA builds. TWLAB_TORCH_INDEX overrides
   the index; `--gpu` installs PyPI's default torch and the `gpu` extra (vllm).
+- Under a CPU quota smaller than the cores the machine shows (a container), OMP_NUM_THREADS is set to
+  the quota for everything lab.py starts: torch would otherwise start a thread per visible core.
 - Installs are remembered in .venv/.twlab-installed (a hash of pyproject.toml and the options), so a
   second run starts at once and an edit to the dependencies reinstalls.
 """
@@ -80,6 +82,34 @@ def install(gpu: bool = False) -> None:
     marker.write_text(stamp)
 
 
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may really use: its affinity, capped by a cgroup CPU quota (containers).
+
+    torch and OpenMP size their thread pools from the cores they see, not from a quota; on a large host
+    with a 2-CPU quota that means dozens of threads fighting over 2 CPUs' worth of time.
+    """
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        if (cgroup / "cpu.max").exists():                        # cgroup v2: "quota period" or "max period"
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        else:                                                    # cgroup v1: quota -1 means none
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota not in ("max", "-1"):
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cpus = usable_cpus()
+    if "OMP_NUM_THREADS" not in env and cpus < (os.cpu_count() or cpus):
+        env["OMP_NUM_THREADS"] = str(cpus)  # inherited by notebook kernels and worker processes too
+    return env
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
@@ -90,7 +120,7 @@ def main(argv: list[str]) -> int:
         return 0
     install()
     py = str(venv_python())
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = child_env()
     if command == "demo":
         return subprocess.call([py, "-m", "twlib", "pipeline", *rest], cwd=ROOT, env=env)
     if command == "test":

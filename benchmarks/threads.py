@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from twlib.decoding import cache_argument, returned_cache
 from twlib.models import build_model
 from twlib.tokenizer import build_tokenizer
 
@@ -26,12 +27,12 @@ def main() -> None:
             for rows in (1, 4):
                 ids = torch.tensor([prompt] * rows)
                 with torch.no_grad():
-                    cache = model(input_ids=ids, use_cache=True).past_key_values
+                    cache = returned_cache(model(input_ids=ids, use_cache=True))
                     start, n = time.perf_counter(), 50
                     for i in range(n):
                         out = model(input_ids=torch.full((rows, 1), 5), position_ids=torch.full((rows, 1), len(prompt) + i),
-                                    past_key_values=cache, use_cache=True)
-                        cache = out.past_key_values
+                                    use_cache=True, **{cache_argument(model): cache})
+                        cache = returned_cache(out)
                     step = (time.perf_counter() - start) / n * 1000
                     start = time.perf_counter()
                     model(input_ids=torch.tensor([tok.encode("x" * 200)] * rows))

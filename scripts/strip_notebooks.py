@@ -1,5 +1,7 @@
 """Strip outputs, execution counts and widget state from notebooks (run before committing).
 
+Cells without an id (nbformat 4.5 asks for one; a cell pasted in by hand may lack it) get a new one.
+
     python scripts/strip_notebooks.py            # every notebooks/*.ipynb
     python scripts/strip_notebooks.py a.ipynb    # given files
 """
@@ -12,7 +14,11 @@ from pathlib import Path
 def strip(path: Path) -> bool:
     nb = json.loads(path.read_text())
     before = json.dumps(nb, sort_keys=True)
-    for cell in nb["cells"]:
+    ids = {cell.get("id") for cell in nb["cells"]}
+    for i, cell in enumerate(nb["cells"]):
+        if "id" not in cell and nb.get("nbformat_minor", 0) >= 5:
+            cell["id"] = next(f"cell-{i}-{n}" for n in range(len(ids) + 1) if f"cell-{i}-{n}" not in ids)
+            ids.add(cell["id"])
         if cell["cell_type"] == "code":
             cell["outputs"] = []
             cell["execution_count"] = None

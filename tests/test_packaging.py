@@ -33,6 +33,28 @@ def load_lab():
     return lab
 
 
+def test_lab_caps_threads_at_a_cpu_quota(monkeypatch, tmp_path):
+    lab = load_lab()
+    (tmp_path / "cpu.max").write_text("200000 100000\n")            # cgroup v2: 2 CPUs' worth of time
+    assert lab.usable_cpus(tmp_path) == min(2, len(lab.os.sched_getaffinity(0)))
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert lab.usable_cpus(tmp_path) == len(lab.os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")   # cgroup v1: 1 CPU
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert lab.usable_cpus(tmp_path) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(lab, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(lab.os, "cpu_count", lambda: 64)
+    assert lab.child_env()["OMP_NUM_THREADS"] == "2"                 # a quota below the visible cores
+    monkeypatch.setattr(lab.os, "cpu_count", lambda: 2)
+    assert "OMP_NUM_THREADS" not in lab.child_env()                   # no quota: torch's own choice
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.setattr(lab.os, "cpu_count", lambda: 64)
+    assert lab.child_env()["OMP_NUM_THREADS"] == "7"                 # the user's setting wins
+
+
 def test_lab_picks_a_cpu_torch(monkeypatch, tmp_path):
     lab = load_lab()
     monkeypatch.delenv("TWLAB_TORCH_INDEX", raising=False)

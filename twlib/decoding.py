@@ -355,6 +355,22 @@ def _sample(logits: torch.Tensor, sampling: SamplingParams, generator) -> torch.
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def cache_argument(model) -> str:
+    """The forward argument that takes the KV cache: `cache` since transformers 5.24, `past_key_values` before.
+
+    The old name still works until 5.40 but warns on every new call site; we support both (pyproject asks
+    for transformers>=5.0).
+    """
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache of a model output, by its new name (`cache`, transformers 5.24) or its old one."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 class HFEngine:
     """transformers model in process: shared-prefix prefill, KV fork, batched rows with per-row stops."""
 
@@ -370,6 +386,7 @@ class HFEngine:
         self.num_threads = num_threads if self.device.type == "cpu" else None
         self.max_context = max_context or model.config.max_position_embeddings
         self.prefix_cache = prefix_cache
+        self._cache_argument = cache_argument(model)
         self.cache_entries = 4
         self._entries: list[tuple[list[int], object]] = []  # (ids whose KV is in the cache, cache), newest last
         self.stats = {"calls": 0, "prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
@@ -380,9 +397,9 @@ class HFEngine:
         self.stats = dict.fromkeys(self.stats, 0)
 
     def _forward(self, ids, positions, mask, cache):
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                         use_cache=True)
-        return out.logits[:, -ids.shape[1]:], out.past_key_values
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                         **{self._cache_argument: cache})
+        return out.logits[:, -ids.shape[1]:], returned_cache(out)
 
     def _prefix(self, shared: list[int]):
         """KV cache for `shared` (batch 1), starting from the cached entry sharing its longest prefix."""

@@ -1,0 +1,115 @@
+"""Execute notebooks headless, top to bottom, the way CI does: one fresh kernel per notebook.
+
+    python scripts/run_notebooks.py                      # every notebook, full configuration
+    python scripts/run_notebooks.py --small 03 05        # TWLAB_SMALL=1 (CPU minutes), notebooks 03 and 05
+    python scripts/run_notebooks.py --out executed/ 07   # keep the executed copy (outputs included)
+
+Teachers can run it before a lab to check that every notebook runs on the class machines.
+
+Design choices
+- Progress goes to stderr when each cell starts and ends, with its time, so a notebook that stops
+  somewhere says where.
+- `--cell-timeout` bounds one cell (nbclient raises). A hang outside any cell (kernel start or shutdown)
+  is not bounded by that: `--dump-stacks-after S` makes this process print every thread's stack after S
+  seconds (faulthandler), and the caller bounds the whole run (tests/test_notebooks.py runs each notebook
+  in its own process, with a timeout).
+- A cell error prints the cell number and the error's name and value, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+
+
+def find(names: list[str]) -> list[Path]:
+    """Notebook paths from names: a path, a stem, or its number prefix ('03')."""
+    everything = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if not names:
+        return everything
+    paths = []
+    for name in names:
+        if Path(name).is_file():
+            paths.append(Path(name))
+            continue
+        matches = [p for p in everything if p.stem == name or p.stem.startswith(name + "_")]
+        if len(matches) != 1:
+            raise SystemExit(f"no single notebook matches {name!r}: expected a path, a stem or a number "
+                             f"among {[p.stem for p in everything]}")
+        paths.append(matches[0])
+    return paths
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def execute(path: Path, cell_timeout: int, out: Path | None = None) -> bool:
+    """Run one notebook in a fresh kernel; write the executed copy to `out`; True when no cell failed."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    nb = nbformat.read(path, as_version=4)
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    began, cell_began = time.perf_counter(), [0.0]
+
+    def on_start(cell, cell_index):  # nbclient calls this for markdown cells too
+        if cell_index not in code:
+            return
+        cell_began[0] = time.perf_counter()
+        log(f"{path.stem}: cell {cell_index} ({code.index(cell_index) + 1}/{len(code)} code) started")
+
+    def on_executed(cell, cell_index, execute_reply):  # on_cell_complete fires when the request is sent
+        if cell_index in code:
+            log(f"{path.stem}: cell {cell_index} done in {time.perf_counter() - cell_began[0]:.1f} s")
+
+    client = NotebookClient(nb, timeout=cell_timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}},
+                            on_cell_start=on_start, on_cell_executed=on_executed)
+    log(f"{path.stem}: starting a kernel")
+    ok = True
+    try:
+        client.execute()
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
+        ok = False
+        failed = [i for i in code for o in nb.cells[i].get("outputs", []) if o.get("output_type") == "error"]
+        where = f"cell {failed[0]}" if failed else "a cell"
+        log(f"{path.stem}: {where} failed ({type(e).__name__}):\n{str(e)[-3000:]}")
+    log(f"{path.stem}: {'executed' if ok else 'FAILED'} in {time.perf_counter() - began:.1f} s")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, out)
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebooks", nargs="*", help="paths, stems or numbers (default: every notebook)")
+    parser.add_argument("--small", action="store_true", help="TWLAB_SMALL=1: the small CPU configuration")
+    parser.add_argument("--out", type=Path, help="folder for the executed copies")
+    parser.add_argument("--cell-timeout", type=int, default=900, help="seconds one cell may run (900)")
+    parser.add_argument("--dump-stacks-after", type=float, default=0,
+                        help="print every thread's stack if still running after this many seconds (0: never)")
+    args = parser.parse_args(argv)
+    paths = find(args.notebooks)
+    if args.small:
+        os.environ["TWLAB_SMALL"] = "1"
+    if args.dump_stacks_after > 0:
+        faulthandler.dump_traceback_later(args.dump_stacks_after, exit=False)
+    failed = [p.stem for p in paths
+              if not execute(p, args.cell_timeout, args.out / p.name if args.out else None)]
+    if failed:
+        log(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
