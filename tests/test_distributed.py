@@ -139,6 +139,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         distributed.train(config(Path(root) / "cut", resume=True), quiet=True)
     finally:
         dist.destroy_process_group()
+    distributed.exit_process()  # the results are on disk: skip the teardown race at exit
 
 
 @pytest.fixture(scope="module")

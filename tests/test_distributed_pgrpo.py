@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import final_weights, free_port, read_metrics
 
-from twlib import distributed_pgrpo, pgrpo
+from twlib import distributed, distributed_pgrpo, pgrpo
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "assets" / "checkpoints" / "toy-parallel"
@@ -198,6 +198,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         if server is not None:
             server.close()
         dist.destroy_process_group()
+    distributed.exit_process()  # the results are on disk: skip the teardown race at exit
 
 
 @pytest.fixture(scope="module")
