@@ -13,7 +13,8 @@ Design choices
   is not bounded by that: `--dump-stacks-after S` makes this process print every thread's stack after S
   seconds (faulthandler), and the caller bounds the whole run (tests/test_notebooks.py runs each notebook
   in its own process, with a timeout).
-- A cell error prints the cell number and the error's name and value, and the exit status is 1.
+- A cell error prints the cell number and the error's name and value; the exit status is 1. A cell past
+  its timeout, or a kernel that died, exits with 3 (HUNG), so a caller can tell a hang from a failure.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
+HUNG = 3  # exit status: a cell timed out or the kernel died
 
 
 def find(names: list[str]) -> list[Path]:
@@ -51,20 +53,23 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def execute(path: Path, cell_timeout: int, out: Path | None = None) -> bool:
-    """Run one notebook in a fresh kernel; write the executed copy to `out`; True when no cell failed."""
+def execute(path: Path, cell_timeout: int, out: Path | None = None) -> str:
+    """Run one notebook in a fresh kernel; write the executed copy to `out`.
+
+    Returns "ok", "error" (a cell raised) or "hang" (a cell ran past `cell_timeout`, or the kernel died).
+    """
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     nb = nbformat.read(path, as_version=4)
     code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    began, cell_began = time.perf_counter(), [0.0]
+    began, cell_began, current = time.perf_counter(), [0.0], [None]
 
     def on_start(cell, cell_index):  # nbclient calls this for markdown cells too
         if cell_index not in code:
             return
-        cell_began[0] = time.perf_counter()
+        cell_began[0], current[0] = time.perf_counter(), cell_index
         log(f"{path.stem}: cell {cell_index} ({code.index(cell_index) + 1}/{len(code)} code) started")
 
     def on_executed(cell, cell_index, execute_reply):  # on_cell_complete fires when the request is sent
@@ -75,19 +80,17 @@ def execute(path: Path, cell_timeout: int, out: Path | None = None) -> bool:
                             resources={"metadata": {"path": str(path.parent)}},
                             on_cell_start=on_start, on_cell_executed=on_executed)
     log(f"{path.stem}: starting a kernel")
-    ok = True
+    status = "ok"
     try:
         client.execute()
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-        ok = False
-        failed = [i for i in code for o in nb.cells[i].get("outputs", []) if o.get("output_type") == "error"]
-        where = f"cell {failed[0]}" if failed else "a cell"
-        log(f"{path.stem}: {where} failed ({type(e).__name__}):\n{str(e)[-3000:]}")
-    log(f"{path.stem}: {'executed' if ok else 'FAILED'} in {time.perf_counter() - began:.1f} s")
+        status = "error" if isinstance(e, CellExecutionError) else "hang"
+        log(f"{path.stem}: cell {current[0]} failed ({type(e).__name__}):\n{str(e)[-3000:]}")
+    log(f"{path.stem}: {'executed' if status == 'ok' else 'FAILED'} in {time.perf_counter() - began:.1f} s")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, out)
-    return ok
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TWLAB_SMALL"] = "1"
     if args.dump_stacks_after > 0:
         faulthandler.dump_traceback_later(args.dump_stacks_after, exit=False)
-    failed = [p.stem for p in paths
-              if not execute(p, args.cell_timeout, args.out / p.name if args.out else None)]
+    results = {p.stem: execute(p, args.cell_timeout, args.out / p.name if args.out else None) for p in paths}
+    failed = [name for name, status in results.items() if status != "ok"]
     if failed:
         log(f"failed: {', '.join(failed)}")
-    return 1 if failed else 0
+    if "error" in results.values():
+        return 1
+    return HUNG if failed else 0
 
 
 if __name__ == "__main__":

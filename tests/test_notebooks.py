@@ -36,10 +36,12 @@ def test_committed_notebook_is_clean(path):
 
 
 # One notebook per process, bounded from outside: a kernel that hangs (seen once in CI, not reproduced
-# here) ends its attempt after NOTEBOOK_TIMEOUT seconds instead of the whole CI run, and the runner's
-# per-cell log says where it stopped. A hung attempt is retried once, with a warning; a failed cell is not.
+# here) ends its attempt after NOTEBOOK_TIMEOUT seconds (or its cell after cell_timeout) instead of the
+# whole CI run, and the runner's per-cell log says where it stopped. A hung attempt is retried once, with
+# a warning; a cell that raises is not retried.
 NOTEBOOK_TIMEOUT = 600
 RUNNER = Path(__file__).resolve().parent.parent / "scripts" / "run_notebooks.py"
+HUNG = 3  # the runner's exit status for a cell past its timeout or a dead kernel
 
 
 def run_notebook(path: Path, out: Path, attempts: int = 2, timeout: float = NOTEBOOK_TIMEOUT,
@@ -52,12 +54,15 @@ def run_notebook(path: Path, out: Path, attempts: int = 2, timeout: float = NOTE
                                 start_new_session=True)
         try:
             log, _ = proc.communicate(timeout=timeout)
-            return proc.returncode, log
+            if proc.returncode != HUNG:
+                return proc.returncode, log
+            logs.append(f"attempt {attempt}: a cell ran past {cell_timeout} s or the kernel died; "
+                        f"last lines:\n{log[-4000:]}")
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             log, _ = proc.communicate()
             logs.append(f"attempt {attempt}: no result after {timeout} s; last lines:\n{log[-4000:]}")
-            warnings.warn(f"{path.name}: {logs[-1]}")
+        warnings.warn(f"{path.name}: {logs[-1]}")
     pytest.fail(f"{path.name} hung {attempts} times:\n" + "\n".join(logs))
 
 
@@ -97,6 +102,17 @@ def test_runner_names_the_failing_cell(tmp_path):
     assert returncode == 1
     assert "bad: cell 1 failed" in log and "ValueError" in log and "the cell failed" in log
     assert "cell 2 (3/3 code) started" not in log   # it stops at the first error
+
+
+@pytest.mark.notebooks
+def test_a_cell_past_its_timeout_is_a_hang_and_is_retried(tmp_path):
+    pytest.importorskip("nbclient")
+    path = tiny_notebook(tmp_path / "slow.ipynb", "x = 1", "import time\ntime.sleep(600)")
+    with pytest.warns(UserWarning, match="ran past 3 s") as caught, \
+            pytest.raises(pytest.fail.Exception, match="hung 2 times") as failure:
+        run_notebook(path, tmp_path / "out" / path.name, attempts=2, cell_timeout=3)
+    assert len([w for w in caught if "ran past" in str(w.message)]) == 2
+    assert "slow: cell 1 failed (CellTimeoutError)" in str(failure.value)
 
 
 @pytest.mark.notebooks
