@@ -34,6 +34,19 @@ def length_reward(text, answer, stats):
     return Reward(total=stats.total / 100.0, correct=False, acceleration=0.0, eta=stats.eta, speedup=stats.speedup)
 
 
+def odd_groups_reward(text, answer, stats):
+    """The length reward on problems with an odd number of groups, 0 on the others (their groups are idle)."""
+    from twlib.rewards import Reward
+
+    total = stats.total / 100.0 if len(answer.split()) % 2 else 0.0
+    return Reward(total=total, correct=False, acceleration=0.0, eta=stats.eta, speedup=stats.speedup)
+
+
+# With 2 prompts a step and seed 1, the steps' groups are (idle, idle), (signal, signal), (idle, idle) and
+# (signal, idle): group g runs on rank g % 2, so step 4 has signal on rank 0 only and both ranks must step.
+SKIP = dict(prompts_per_step=2, seed=1, skip_idle_steps=True, reward_fn=odd_groups_reward)
+
+
 def config(out_dir, **kw) -> pgrpo.PGRPOConfig:
     base = dict(model=str(TOY), n_train=40, n_eval=10, prompts_per_step=3, rollouts_per_prompt=3, steps=STEPS,
                 max_new_tokens=160, max_thread_tokens=60, rollout_batch=4, tokens_per_batch=600, lr=1e-3,
@@ -188,6 +201,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         distributed_pgrpo.train(config(Path(root) / "cut", resume=True), quiet=True)
 
         distributed_pgrpo.train(config(Path(root) / "ppo", **PPO), quiet=True)
+        distributed_pgrpo.train(config(Path(root) / "skip", **SKIP), quiet=True)
 
         server = _random_server(AutoTokenizer.from_pretrained(str(TOY)))
         urls = [None] * world
@@ -212,6 +226,13 @@ def single(tmp_path_factory):
 def single_ppo(tmp_path_factory):
     out = tmp_path_factory.mktemp("single_ppo")
     pgrpo.train(config(out, **PPO), quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_skip(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_skip")
+    pgrpo.train(config(out, **SKIP), quiet=True)
     return out
 
 
@@ -274,3 +295,14 @@ def test_ppo_clipping_over_ranks_matches(single_ppo, two_ranks):
     """updates_per_batch=2: the second update of each batch uses clipped ratios to the first's log-probs."""
     assert_same_run(two_ranks / "ppo", single_ppo, **PPO)
     assert any(float(r["clip_frac"]) > 0 for r in read_metrics(two_ranks / "ppo"))  # clipping did happen
+
+
+@pytest.mark.slow
+def test_idle_steps_are_skipped_together(single_skip, two_ranks):
+    """skip_idle_steps: every rank skips a step only when no rank has a non-zero advantage."""
+    assert_same_run(two_ranks / "skip", single_skip)
+    rows = read_metrics(two_ranks / "skip")
+    assert [float(r["zero_std_groups"]) for r in rows][0::2] == [1.0, 1.0]          # steps 1, 3: idle
+    assert [float(r["grad_norm"]) for r in rows][0::2] == [0.0, 0.0]                # ... and skipped
+    assert all(float(r["grad_norm"]) > 0 for r in rows[1::2])                       # steps 2, 4: real
+    assert float(rows[3]["zero_std_groups"]) == 0.5                                 # step 4: one idle group

@@ -222,6 +222,31 @@ def _length_reward(text, answer, stats):
     return Reward(total=stats.total / 100.0, correct=False, acceleration=0.0, eta=stats.eta, speedup=stats.speedup)
 
 
+def test_idle_steps_move_adam_unless_skipped(tok, problems):
+    """A step whose advantages are all 0 has a zero gradient, yet AdamW moves the weights by its momentum;
+    skip_idle_steps leaves them alone. A step with signal is never skipped."""
+    live = _fake_rollouts(problems[:2], tok)
+    idle = _fake_rollouts(problems[:2], tok)
+    for r in idle:
+        r.advantage = 0.0
+    assert pgrpo.has_signal(pgrpo.build_batch(live, "group"))
+    assert not pgrpo.has_signal(pgrpo.build_batch(idle, "group")) and not pgrpo.has_signal(None)
+    moved = {}
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = build_model("tiny", tok)
+        config = pgrpo.PGRPOConfig(lr=1e-3, skip_idle_steps=skip)
+        optimizer, _ = pgrpo.make_optimizer(model, config)
+        first = pgrpo.update(model, optimizer, pgrpo.build_batch(live, "group"), config)
+        assert first["grad_norm"] > 0                             # signal: a real step either way
+        before = [p.detach().clone() for p in model.parameters()]
+        out = pgrpo.update(model, optimizer, pgrpo.build_batch(idle, "group"), config)
+        assert out["loss"] == 0.0 and out["grad_norm"] == 0.0
+        moved[skip] = max(float((p - b).abs().max()) for p, b in zip(model.parameters(), before))
+    assert moved[False] > 1e-5   # momentum from the first step
+    assert moved[True] == 0.0
+
+
 def test_smoke_two_steps_every_parameter_changes(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -305,6 +305,8 @@ def update(module, optimizer, batch: PolicyBatch | None, filler: PolicyBatch, co
            ranks: Ranks) -> dict:
     """`twlib.pgrpo.update` over ranks: every rank runs the same number of passes (fillers where it has
     fewer micro-batches); the loss is normalised by the global N, gradients are summed by FSDP."""
+    if config.skip_idle_steps and not _all_max(int(pgrpo.has_signal(batch)), ranks.device):
+        return dict(pgrpo.IDLE_UPDATE)  # every rank skips together (kl_coef is 0 here: refused otherwise)
     chunks = pgrpo.micro_batches(batch, config.tokens_per_batch) if batch is not None else []
     passes = _all_max(len(chunks), ranks.device)
     parts = [batch.select(c) for c in chunks] + [filler] * (passes - len(chunks))

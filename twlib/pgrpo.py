@@ -263,6 +263,11 @@ class PGRPOConfig:
     std_normalize      divide advantages by the group's std (the paper's ablation; off by default)
     updates_per_batch  1 = on-policy (reference); > 1 turns on PPO clipping with clip_low / clip_high
     kl_coef            > 0 adds a k3 KL penalty to the frozen starting model (reference: 0)
+    skip_idle_steps    no optimizer step when every advantage of the step is 0 (every group's rewards are
+                       equal) and kl_coef is 0. The gradient is then exactly 0, yet AdamW would still move the
+                       weights by its momentum: measured here from the 33% tiny model at lr 1e-3, the parallel
+                       ratio fell from 0.41 to 0.02 over steps with zero gradient. Off by default (the
+                       reference steps anyway); the step's metrics row shows loss 0 and grad_norm 0.
     lr, warmup (fraction of steps, then constant), weight_decay, betas, grad_clip
     packing            "group" | "trajectory" | "call" (see the module docstring); tokens_per_batch: row budget
     seed, device, threads, dtype, attn, checkpoint_every, resume, out_dir, log_every, progress
@@ -293,6 +298,7 @@ class PGRPOConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     kl_coef: float = 0.0
+    skip_idle_steps: bool = False
     lr: float = 1e-4
     warmup: float = 0.0
     weight_decay: float = 0.0
@@ -462,9 +468,20 @@ def micro_batches(batch: PolicyBatch, tokens_per_micro_batch: int) -> list[list[
     return [list(range(i, min(i + per, batch.rows.shape[0]))) for i in range(0, batch.rows.shape[0], per)]
 
 
+def has_signal(batch: PolicyBatch | None) -> bool:
+    """Does any completion token carry a non-zero advantage? Without one (and without a KL term), the
+    policy gradient of the batch is exactly zero."""
+    return batch is not None and bool(batch.pos_weight.any() or batch.neg_weight.any())
+
+
+IDLE_UPDATE = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}  # the metrics of a skipped step
+
+
 def update(model, optimizer, batch: PolicyBatch, config: PGRPOConfig, mask_kind: str = "bool",
            ref_model=None) -> dict:
     """`updates_per_batch` optimizer steps on one batch of rollouts; returns loss / kl / clip / grad norm."""
+    if config.skip_idle_steps and config.kl_coef == 0 and not has_signal(batch):
+        return dict(IDLE_UPDATE)
     chunks = micro_batches(batch, config.tokens_per_batch)
     old, ref = None, None
     if config.updates_per_batch > 1:
