@@ -10,9 +10,10 @@ Design choices
 - Progress goes to stderr when each cell starts and ends, with its time, so a notebook that stops
   somewhere says where.
 - `--cell-timeout` bounds one cell (nbclient raises). A hang outside any cell (kernel start or shutdown)
-  is not bounded by that: `--dump-stacks-after S` makes this process print every thread's stack after S
-  seconds (faulthandler), and the caller bounds the whole run (tests/test_notebooks.py runs each notebook
-  in its own process, with a timeout).
+  is not bounded by that: the caller bounds the whole run (tests/test_notebooks.py runs each notebook in its
+  own process, with a timeout), and SIGUSR1 makes this process print every thread's stack (faulthandler)
+  before it is killed. (A timed dump, `faulthandler.dump_traceback_later`, crashed this process with
+  SIGSEGV 1 time in 3 when it fired during a kernel start, so the dump is on request only.)
 - A cell error prints the cell number and the error's name and value; the exit status is 1. A cell past
   its timeout, or a kernel that died, exits with 3 (HUNG), so a caller can tell a hang from a failure.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -99,14 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="TWLAB_SMALL=1: the small CPU configuration")
     parser.add_argument("--out", type=Path, help="folder for the executed copies")
     parser.add_argument("--cell-timeout", type=int, default=900, help="seconds one cell may run (900)")
-    parser.add_argument("--dump-stacks-after", type=float, default=0,
-                        help="print every thread's stack if still running after this many seconds (0: never)")
     args = parser.parse_args(argv)
     paths = find(args.notebooks)
     if args.small:
         os.environ["TWLAB_SMALL"] = "1"
-    if args.dump_stacks_after > 0:
-        faulthandler.dump_traceback_later(args.dump_stacks_after, exit=False)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is it stuck?
     results = {p.stem: execute(p, args.cell_timeout, args.out / p.name if args.out else None) for p in paths}
     failed = [name for name, status in results.items() if status != "ok"]
     if failed:

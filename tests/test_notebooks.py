@@ -47,7 +47,7 @@ HUNG = 3  # the runner's exit status for a cell past its timeout or a dead kerne
 def run_notebook(path: Path, out: Path, attempts: int = 2, timeout: float = NOTEBOOK_TIMEOUT,
                  cell_timeout: int = 300) -> tuple[int, str]:
     cmd = [sys.executable, str(RUNNER), "--small", "--out", str(out.parent), "--cell-timeout", str(cell_timeout),
-           "--dump-stacks-after", str(max(1, timeout - 30)), str(path)]
+           str(path)]
     logs = []
     for attempt in range(1, attempts + 1):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -59,6 +59,8 @@ def run_notebook(path: Path, out: Path, attempts: int = 2, timeout: float = NOTE
             logs.append(f"attempt {attempt}: a cell ran past {cell_timeout} s or the kernel died; "
                         f"last lines:\n{log[-4000:]}")
         except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGUSR1)  # the runner prints its threads' stacks into the log
+            time.sleep(2)
             os.killpg(proc.pid, signal.SIGKILL)
             log, _ = proc.communicate()
             logs.append(f"attempt {attempt}: no result after {timeout} s; last lines:\n{log[-4000:]}")
@@ -126,3 +128,4 @@ def test_a_hung_notebook_ends_its_attempt_and_says_where(tmp_path):
     assert time.perf_counter() - began < 60
     assert "hang: cell 0 done" in str(failure.value) and "hang: cell 1 (2/2 code) started" in str(failure.value)
     assert "hang: cell 1 done" not in str(failure.value)
+    assert "most recent call first" in str(failure.value)   # the runner's stacks, dumped before the kill

@@ -242,7 +242,7 @@ def test_idle_steps_move_adam_unless_skipped(tok, problems):
         before = [p.detach().clone() for p in model.parameters()]
         out = pgrpo.update(model, optimizer, pgrpo.build_batch(idle, "group"), config)
         assert out["loss"] == 0.0 and out["grad_norm"] == 0.0
-        moved[skip] = max(float((p - b).abs().max()) for p, b in zip(model.parameters(), before))
+        moved[skip] = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
     assert moved[False] > 1e-5   # momentum from the first step
     assert moved[True] == 0.0
 

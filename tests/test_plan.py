@@ -245,6 +245,14 @@ def test_dry_run_8b_shards_over_8_gpus():
     assert "model.layers.0..35" in report and f"{-(-plan.layer_params(p.shape) // 8):,}" in report
 
 
+def test_pgrpo_dry_run_counts_the_kl_reference():
+    report, p = plan.dry_run_plan(ROOT / "configs" / "qwen3-8b-pgrpo.yaml")
+    assert "reference model" not in report                       # kl_coef 0, as the paper
+    report, p = plan.dry_run_plan(ROOT / "configs" / "qwen3-8b-pgrpo.yaml", ["kl_coef=0.1"])
+    shards = p.params * 4 / 8 / plan.GIB                         # fp32 shards of bf16-mixed, over 8 GPUs
+    assert f"reference model adds its shards, {shards:.2f} GiB per GPU" in report
+
+
 def write_broken(tmp_path, old, new) -> Path:
     text = (ROOT / "configs" / "qwen3-8b-sft.yaml").read_text()
     assert old in text

@@ -48,8 +48,9 @@ and seeds are functions of (seed, step), repeats exactly the steps an uninterrup
 (tested). metrics.csv has `twlib.pgrpo.METRICS_FIELDS`, written by rank 0.
 
 Deviations and limits
-- `kl_coef > 0` is refused: the k3 penalty needs a second (reference) model sharded beside the policy; the
-  paper and its code use none. `twlib.pgrpo` (one process) has it.
+- `kl_coef > 0` (the paper and its code use 0) shards a frozen copy of the starting model beside the
+  policy, with the same FSDP units; its log-probs enter the k3 penalty as in `twlib.pgrpo` (tested equal
+  over 2 ranks). It costs one more set of parameter shards per GPU and one more forward per micro-batch.
 - `packing: group` puts all k rollouts of a prompt in one trie row; at the paper's 40,960-token budget use
   `trajectory` (configs/qwen3-8b-pgrpo.yaml does).
 - Every rank holds the whole base model on the CPU before sharding, as in `twlib.distributed`.
@@ -302,39 +303,46 @@ def _all_max(value: int, device) -> int:
 
 
 def update(module, optimizer, batch: PolicyBatch | None, filler: PolicyBatch, config: PGRPOConfig,
-           ranks: Ranks) -> dict:
+           ranks: Ranks, ref_module=None) -> dict:
     """`twlib.pgrpo.update` over ranks: every rank runs the same number of passes (fillers where it has
-    fewer micro-batches); the loss is normalised by the global N, gradients are summed by FSDP."""
-    if config.skip_idle_steps and not _all_max(int(pgrpo.has_signal(batch)), ranks.device):
-        return dict(pgrpo.IDLE_UPDATE)  # every rank skips together (kl_coef is 0 here: refused otherwise)
+    fewer micro-batches); the loss is normalised by the global N, gradients are summed by FSDP.
+    `ref_module`: the sharded frozen starting model, for the KL term when kl_coef > 0."""
+    if (config.skip_idle_steps and config.kl_coef == 0
+            and not _all_max(int(pgrpo.has_signal(batch)), ranks.device)):
+        return dict(pgrpo.IDLE_UPDATE)  # every rank skips together
     chunks = pgrpo.micro_batches(batch, config.tokens_per_batch) if batch is not None else []
     passes = _all_max(len(chunks), ranks.device)
     parts = [batch.select(c) for c in chunks] + [filler] * (passes - len(chunks))
     real = [True] * len(chunks) + [False] * (passes - len(chunks))
     n_tokens = int(_all_sum([batch.n_tokens if batch is not None else 0], ranks.device)[0])
-    old = None
+    old, ref = None, None
     if config.updates_per_batch > 1:
         with torch.no_grad():
             old = [module(part.rows) for part in parts]
+    if config.kl_coef > 0 and ref_module is not None:
+        with torch.no_grad():
+            ref = [ref_module(part.rows) for part in parts]  # fillers too: the collectives must match
     out = {}
     for _ in range(config.updates_per_batch):
-        loss_sum, clipped, active = 0.0, 0.0, 0.0
+        loss_sum, kl_sum, clipped, active = 0.0, 0.0, 0.0, 0.0
         for j, (part, is_real) in enumerate(zip(parts, real)):
             logp = module(part.rows)
-            lp = pgrpo.policy_loss(logp, part, old[j] if old else None, None, config.clip_low, config.clip_high,
-                                   0.0, normalizer=n_tokens)
+            lp = pgrpo.policy_loss(logp, part, old[j] if old else None, ref[j] if ref else None, config.clip_low,
+                                   config.clip_high, config.kl_coef, normalizer=n_tokens)
             loss = lp.loss if is_real else lp.loss * 0.0
             loss.backward()
             if is_real:
                 loss_sum += float(loss.detach())
+                kl_sum += lp.kl
                 n_active = int((part.counts > 0).sum())
                 clipped += lp.clip_frac * n_active
                 active += n_active
         grad_norm = distributed._clip(optimizer, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, clipped, active = _all_sum([loss_sum, clipped, active], ranks.device)
-        out = {"loss": loss_sum, "kl": 0.0, "clip_frac": clipped / active if active else 0.0, "grad_norm": grad_norm}
+        loss_sum, kl_sum, clipped, active = _all_sum([loss_sum, kl_sum, clipped, active], ranks.device)
+        out = {"loss": loss_sum, "kl": kl_sum, "clip_frac": clipped / active if active else 0.0,
+               "grad_norm": grad_norm}
     return out
 
 
@@ -355,9 +363,6 @@ class DistPGRPOResult:
 
 
 def _check(config: PGRPOConfig, source: str | None) -> None:
-    if config.kl_coef > 0:
-        raise ConfigError(f"{source or 'config'}: field 'kl_coef': twlib.distributed_pgrpo has no reference model "
-                          f"(the paper uses none); set kl_coef: 0, or use twlib.pgrpo")
     if config.reward_fn is not None and not callable(config.reward_fn):
         raise ConfigError("reward_fn must be callable")
 
@@ -429,6 +434,12 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
 
     # hf copies the unsharded model; vLLM measures free GPU memory at start-up, so it comes after sharding
     engines = make_engines() if rollout == "hf" else None
+    ref_module = None
+    if config.kl_coef > 0:  # the frozen starting model (as twlib.pgrpo's reference), sharded like the policy
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_module = distributed.shard(reference, ranks, rt.mask_kind,
+                                       replace(launch, gradient_checkpointing=False), mp_policy,
+                                       root=PolicyLogprobs)
     model.train()
     module = distributed.shard(model, ranks, rt.mask_kind, launch, mp_policy, root=PolicyLogprobs)
     engines = engines or make_engines()
@@ -480,8 +491,8 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
             has_tokens = any(r.pairs for r in rollouts)
             batch = (pgrpo.build_batch(rollouts, config.packing, max_tokens=config.tokens_per_batch,
                                        pad_id=tokenizer.pad_token_id or 0) if has_tokens else None)
-            row.update(update(module, optimizer, batch, _filler(tokenizer, problems), config, ranks))
-            scheduler.step()
+            row.update(update(module, optimizer, batch, _filler(tokenizer, problems), config, ranks, ref_module))
+            pgrpo.step_schedule(scheduler)
             sync()
             trie_tokens, completion = _all_sum([batch.rows.num_tokens if batch else 0, batch.n_tokens if batch else 0],
                                                ranks.device)

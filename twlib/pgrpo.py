@@ -53,6 +53,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence, get_type_hints
@@ -477,6 +478,14 @@ def has_signal(batch: PolicyBatch | None) -> bool:
 IDLE_UPDATE = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}  # the metrics of a skipped step
 
 
+def step_schedule(scheduler) -> None:
+    """Advance the learning-rate schedule by one training step, also after a skipped (idle) update:
+    the schedule counts steps, not optimizer updates, so torch's order warning does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
+
+
 def update(model, optimizer, batch: PolicyBatch, config: PGRPOConfig, mask_kind: str = "bool",
            ref_model=None) -> dict:
     """`updates_per_batch` optimizer steps on one batch of rollouts; returns loss / kl / clip / grad norm."""
@@ -640,7 +649,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
             batch = build_batch(rollouts, config.packing, max_tokens=config.tokens_per_batch,
                                 pad_id=tokenizer.pad_token_id or 0)
             row.update(update(model, optimizer, batch, config, rt.mask_kind, ref_model))
-            scheduler.step()
+            step_schedule(scheduler)
             row.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1, trie_tokens=batch.rows.num_tokens,
                        completion_tokens=batch.n_tokens)
             row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}

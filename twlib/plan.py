@@ -42,7 +42,7 @@ Design choices (and where this deviates from the paper / the reference, and why)
   builds the latter per sample).
 - RL (P-GRPO, colocated FSDP + vLLM as in the reference): two phases on the same GPUs. Training is the SFT
   model with rows that hold a whole rollout, max(T, context) (no reference model: the reference uses no
-  KL). Rollouts hold the resident
+  KL; with kl_coef > 0 the dry run adds a line for the reference's shards). Rollouts hold the resident
   training state (grads freed), a bf16 copy of the weights for vLLM (tensor parallel 1, one engine per
   GPU) and the KV cache, 2 x layers x kv_heads x head_dim x 2 bytes per token; vLLM's KV cache is freed
   (sleep mode) while training. The peak is the larger phase.
@@ -1053,6 +1053,10 @@ def _pgrpo_dry_run(config_path, overrides=()) -> tuple[str, Plan]:
               f"{config_path} --rollout {'vllm' if launcher.gpus > 1 else 'hf'}",
               "\nnotes:", "  - FSDP2 trainer + one rollout engine per rank, weights synced after every step "
               "(twlib.distributed_pgrpo; docs/full_scale.md section 3); one process: python -m twlib pgrpo"]
+    if cfg.kl_coef > 0:  # the frozen reference is a sharded copy of the model in the trainer's storage dtype
+        ref_bytes = plan.params * (2 if plan.config.precision == "bf16" else 4) / plan.config.gpus
+        lines.append(f"  - kl_coef {cfg.kl_coef:g}: the frozen reference model adds its shards, "
+                     f"{ref_bytes / GIB:.2f} GiB per GPU (not in the totals above), and one forward per micro-batch")
     return "\n".join(lines), plan
 
 
