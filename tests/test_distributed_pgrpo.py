@@ -210,32 +210,30 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     distributed.exit_process()  # the results are on disk: skip the teardown race at exit
 
 
+def _single_process(tmp_path_factory, name: str, **kw) -> Path:
+    out = tmp_path_factory.mktemp(name)
+    pgrpo.train(config(out, **kw), quiet=True)
+    return out
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single")
-    pgrpo.train(config(out), quiet=True)
-    return out
+    return _single_process(tmp_path_factory, "single")
 
 
 @pytest.fixture(scope="module")
 def single_ppo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single_ppo")
-    pgrpo.train(config(out, **PPO), quiet=True)
-    return out
+    return _single_process(tmp_path_factory, "single_ppo", **PPO)
 
 
 @pytest.fixture(scope="module")
 def single_kl(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single_kl")
-    pgrpo.train(config(out, **KL), quiet=True)
-    return out
+    return _single_process(tmp_path_factory, "single_kl", **KL)
 
 
 @pytest.fixture(scope="module")
 def single_skip(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single_skip")
-    pgrpo.train(config(out, **SKIP), quiet=True)
-    return out
+    return _single_process(tmp_path_factory, "single_skip", **SKIP)
 
 
 @pytest.fixture(scope="module")
