@@ -39,13 +39,14 @@ def test_committed_notebook_is_clean(path):
 # here) ends its attempt after NOTEBOOK_TIMEOUT seconds (or its cell after cell_timeout) instead of the
 # whole CI run, and the runner's per-cell log says where it stopped. A hung attempt is retried once, with
 # a warning; a cell that raises is not retried.
-NOTEBOOK_TIMEOUT = 600
+NOTEBOOK_TIMEOUT = 300  # the slowest notebook takes 17 s here
+HUNG_BEFORE: list[str] = []  # notebooks that hung on every attempt: later ones get no retry
 RUNNER = Path(__file__).resolve().parent.parent / "scripts" / "run_notebooks.py"
 HUNG = 3  # the runner's exit status for a cell past its timeout or a dead kernel
 
 
 def run_notebook(path: Path, out: Path, attempts: int = 2, timeout: float = NOTEBOOK_TIMEOUT,
-                 cell_timeout: int = 300) -> tuple[int, str]:
+                 cell_timeout: int = 240) -> tuple[int, str]:
     cmd = [sys.executable, str(RUNNER), "--small", "--out", str(out.parent), "--cell-timeout", str(cell_timeout),
            str(path)]
     logs = []
@@ -74,7 +75,13 @@ def test_notebook_executes(path, tmp_path):
     pytest.importorskip("nbclient")
     out = tmp_path / path.name
     start = time.perf_counter()
-    returncode, log = run_notebook(path, out)
+    # a machine where kernels hang at all gets one attempt per notebook after the first: the suite stays
+    # within CI's time (9 notebooks x 300 s) and the log shows every notebook's stopping point
+    try:
+        returncode, log = run_notebook(path, out, attempts=1 if HUNG_BEFORE else 2)
+    except pytest.fail.Exception:
+        HUNG_BEFORE.append(path.name)
+        raise
     print(f"{path.name}: executed in {time.perf_counter() - start:.1f} s")
     assert returncode == 0, f"{path.name} failed:\n{log[-6000:]}"
     nb = json.loads(out.read_text())
@@ -84,7 +91,6 @@ def test_notebook_executes(path, tmp_path):
     errors = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
-
 
 
 def tiny_notebook(path: Path, *sources: str) -> Path:
