@@ -124,11 +124,11 @@ def main(argv: list[str]) -> int:
     if command == "demo":
         return subprocess.call([py, "-m", "twlib", "pipeline", *rest], cwd=ROOT, env=env)
     if command == "test":
-        # one line that a CI log keeps: what the tests ran on
-        subprocess.call([py, "-c", "import os, platform, torch; print(f'python {platform.python_version()}, torch "
-                         "{torch.__version__} with {torch.get_num_threads()} threads; CPUs: ' + "
-                         f"'{usable_cpus()} usable of {os.cpu_count()}; OMP_NUM_THREADS="
-                         f"{env.get('OMP_NUM_THREADS', 'unset')}')"], cwd=ROOT, env=env)
+        # what the tests ran on, in two lines that a CI log keeps
+        print(f"CPUs: {usable_cpus()} usable of {os.cpu_count()}; OMP_NUM_THREADS="
+              f"{env.get('OMP_NUM_THREADS', 'unset')}", flush=True)
+        subprocess.call([py, "-c", "import platform, torch; print('python', platform.python_version(), 'torch', "
+                         "torch.__version__, 'threads', torch.get_num_threads())"], cwd=ROOT, env=env)
         return subprocess.call([py, "-m", "pytest", *rest], cwd=ROOT, env=env)
     if command == "lab":
         return subprocess.call([py, "-m", "jupyterlab", "notebooks", *rest], cwd=ROOT, env=env)

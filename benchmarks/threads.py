@@ -22,6 +22,7 @@ def main() -> None:
     print(f"{'preset':<7} {'threads':>7} {'rows':>5} {'ms/step':>8} {'prefill 200 ms':>15}")
     for preset in ("tiny", "small"):
         model = build_model(preset, tok).eval()
+        cache_name = cache_argument(model)  # `cache` or `past_key_values`, by transformers version
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for rows in (1, 4):
@@ -31,7 +32,7 @@ def main() -> None:
                     start, n = time.perf_counter(), 50
                     for i in range(n):
                         out = model(input_ids=torch.full((rows, 1), 5), position_ids=torch.full((rows, 1), len(prompt) + i),
-                                    use_cache=True, **{cache_argument(model): cache})
+                                    use_cache=True, **{cache_name: cache})
                         cache = returned_cache(out)
                     step = (time.perf_counter() - start) / n * 1000
                     start = time.perf_counter()

@@ -12,8 +12,8 @@ Design choices
 - `--cell-timeout` bounds one cell (nbclient raises). A hang outside any cell (kernel start or shutdown)
   is not bounded by that: the caller bounds the whole run (tests/test_notebooks.py runs each notebook in its
   own process, with a timeout), and SIGUSR1 makes this process print every thread's stack (faulthandler)
-  before it is killed. (A timed dump, `faulthandler.dump_traceback_later`, crashed this process with
-  SIGSEGV 1 time in 3 when it fired during a kernel start, so the dump is on request only.)
+  before it is killed. (A timed dump, `faulthandler.dump_traceback_later`, once crashed this process
+  with SIGSEGV when it fired during a kernel start, so the dump is on request only.)
 - A cell error prints the cell number and the error's name and value; the exit status is 1. A cell past
   its timeout, or a kernel that died, exits with 3 (HUNG), so a caller can tell a hang from a failure.
 """

@@ -42,7 +42,18 @@ def test_committed_notebook_is_clean(path):
 NOTEBOOK_TIMEOUT = 300  # the slowest notebook takes 17 s here
 HUNG_BEFORE: list[str] = []  # notebooks that hung on every attempt: later ones get no retry
 RUNNER = Path(__file__).resolve().parent.parent / "scripts" / "run_notebooks.py"
-HUNG = 3  # the runner's exit status for a cell past its timeout or a dead kernel
+
+
+def _runner_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_notebooks", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+HUNG = _runner_module().HUNG  # the runner's exit status for a cell past its timeout or a dead kernel
 
 
 def run_notebook(path: Path, out: Path, attempts: int = 2, timeout: float = NOTEBOOK_TIMEOUT,
