@@ -13,6 +13,7 @@ that varies between rollouts (so every step has a gradient). What they check:
   /load_weights), and the run again equals the single-process one.
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -109,15 +110,19 @@ def test_server_loads_weights_between_batches(tmp_path):
     served = AutoModelForCausalLM.from_pretrained(str(TOY)).eval()
     target = {k: v + 0.01 for k, v in served.state_dict().items() if k != "lm_head.weight"}
     save_file({k: v.contiguous() for k, v in target.items()}, str(tmp_path / "model.safetensors"))
-    with serve_hf(HFEngine(served, tok), tokenizer=tok) as server:
-        reply = request_json("POST", f"{server.url}/load_weights", {"path": str(tmp_path)})
+    auth = {"Authorization": "Bearer t0ken"}
+    with serve_hf(HFEngine(served, tok), tokenizer=tok, weight_dir=tmp_path, weight_token="t0ken") as server:
+        reply = request_json("POST", f"{server.url}/load_weights", {"path": str(tmp_path)}, auth)
         assert reply["loaded"] == len(target) and reply["weight_loads"] == 1
         for k, v in served.state_dict().items():
             torch.testing.assert_close(v, target.get(k, target["model.embed_tokens.weight"]))
         (tmp_path / "bad").mkdir()
         save_file({"nonsense.weight": torch.zeros(2)}, str(tmp_path / "bad" / "model.safetensors"))
         with pytest.raises(RequestRejected, match="nonsense.weight"):
-            request_json("POST", f"{server.url}/load_weights", {"path": str(tmp_path / "bad")})
+            request_json("POST", f"{server.url}/load_weights", {"path": str(tmp_path / "bad")}, auth)
+        with pytest.raises(RequestRejected, match="HTTP 403.*needs the shared weight token"):
+            request_json("POST", f"{server.url}/load_weights", {"path": str(tmp_path)})  # no token (see
+        assert server.weight_loads == 1                                                # test_serve_weights.py)
 
 
 def test_vllm_rollouts_call_sequence_with_a_recording_stand_in():
@@ -162,8 +167,12 @@ class Interrupt(Exception):
     pass
 
 
-def _random_server(tok):
-    """A server whose model has the toy's shape and random weights: rollouts are garbage until synced."""
+WEIGHT_TOKEN = "two-rank-token"
+
+
+def _random_server(tok, weight_dir):
+    """A server whose model has the toy's shape and random weights: rollouts are garbage until synced. It
+    takes weights from `weight_dir` only, with WEIGHT_TOKEN (the trainer reads it from $TWLAB_WEIGHT_TOKEN)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from twlib.decoding import HFEngine
@@ -171,7 +180,7 @@ def _random_server(tok):
 
     torch.manual_seed(123)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(TOY))).eval()
-    return serve_hf(HFEngine(model, tok), tokenizer=tok)
+    return serve_hf(HFEngine(model, tok), tokenizer=tok, weight_dir=weight_dir, weight_token=WEIGHT_TOKEN)
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
@@ -198,7 +207,9 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         distributed_pgrpo.train(config(Path(root) / "skip", **SKIP), quiet=True)
         distributed_pgrpo.train(config(Path(root) / "kl", **KL), quiet=True)
 
-        server = _random_server(AutoTokenizer.from_pretrained(str(TOY)))
+        server = _random_server(AutoTokenizer.from_pretrained(str(TOY)),
+                                Path(root) / "server" / distributed_pgrpo.SYNC_DIR)
+        os.environ["TWLAB_WEIGHT_TOKEN"] = WEIGHT_TOKEN  # this spawned process only
         urls = [None] * world
         dist.all_gather_object(urls, server.url)
         distributed_pgrpo.train(config(Path(root) / "server"), rollout="server", server_urls=urls, quiet=True)

@@ -4,12 +4,19 @@
     python -m twlib pipeline [--out runs/tiny] [--fresh] [--from-assets] [--set key=value ...]
     python -m twlib sft --config configs/tiny-parallel.yaml [--set key=value ...] [--resume]
     python -m twlib eval --model runs/tiny-base/final [--parallel] [--n 100]
-    python -m twlib data --task groupsum --n-train 2000 --n-eval 500 --out data/
+    python -m twlib data --task groupsum --n-train 2000 --n-eval 500 --out data/ [--chat-template TOKENIZER]
+    python -m twlib prompts --jsonl rl.jsonl --out pool.parquet [--chat-template TOKENIZER]
+    python -m twlib prepare-model --model Qwen/Qwen3-8B --out models/Qwen3-8B-threadweaver
+    python -m twlib serve --model DIR [--allow-weight-updates DIR]   (twlib.engines)
+    python -m twlib --version
 
 Design choices
 - The demo is the project's main job: it runs every stage that exists, prints what a learner should look
   at, and writes its tables as CSV next to the data, so numbers in the README can be re-derived.
 - Same code as the notebooks: every number comes from twlib functions (tasks, format, trie).
+- `--help` and `--version` import no torch: commands whose arguments live in a torch-importing module
+  (sft, pgrpo, plan, prepare-model) build their sub-parser only when they run; serve, rewrite and arc
+  hand their whole command line to their module.
 """
 
 from __future__ import annotations
@@ -30,10 +37,14 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def build_data(task: str, n_train: int, n_eval: int, seed: int, out: Path) -> tuple[list, list]:
+def build_data(task: str, n_train: int, n_eval: int, seed: int, out: Path, chat_tokenizer=None) -> tuple[list, list]:
     from twlib.tasks import make_splits, save_parquet
 
     train, evals = make_splits(task, n_train, n_eval, seed)
+    if chat_tokenizer is not None:  # prompts and responses as the chat template renders them
+        from twlib.tokenizer import chat_problems
+
+        train, evals = chat_problems(train, chat_tokenizer), chat_problems(evals, chat_tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     save_parquet(train, out / f"{task}-train.parquet")
     save_parquet(evals, out / f"{task}-eval.parquet")
@@ -114,8 +125,14 @@ def demo(args) -> int:
 
 
 def data(args) -> int:
-    train, evals = build_data(args.task, args.n_train, args.n_eval, args.seed, Path(args.out))
-    print(f"{args.task}: {len(train)} train / {len(evals)} eval -> {args.out}")
+    try:
+        chat = _chat_tokenizer(args.chat_template) if args.chat_template else None
+        train, evals = build_data(args.task, args.n_train, args.n_eval, args.seed, Path(args.out), chat)
+    except (OSError, ValueError) as e:
+        print(f"twlib data: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.task}: {len(train)} train / {len(evals)} eval -> {args.out}"
+          + (f" (chat template of {args.chat_template})" if args.chat_template else ""))
     return 0
 
 
@@ -123,8 +140,14 @@ def prompts(args) -> int:
     from twlib.tasks import problems_from_jsonl, save_parquet
 
     try:
+        if args.chat_template and args.template != "{prompt}":
+            raise ValueError("--template and --chat-template exclude each other (the chat template wraps the prompt)")
         problems = problems_from_jsonl(args.jsonl, args.prompt_field, args.answer_field, args.task,
                                        args.template.replace("\\n", "\n"), args.id_field)
+        if args.chat_template:
+            from twlib.tokenizer import chat_problems
+
+            problems = chat_problems(problems, _chat_tokenizer(args.chat_template))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -195,20 +218,65 @@ def plan(args) -> int:
     return main_args(args)
 
 
-def serve(args) -> int:
-    from twlib.engines import main as serve_main
-
-    return serve_main(["--model", args.model, "--host", args.host, "--port", str(args.port)])
-
-
 def pgrpo(args) -> int:
     from twlib.pgrpo import main_args
 
     return main_args(args)
 
 
+def prepare_model(args) -> int:
+    from twlib.prepare import main_args
+
+    return main_args(args)
+
+
+def _chat_tokenizer(name: str):
+    """The tokenizer whose chat template renders prompts (--chat-template): a folder or a cached hub id."""
+    from transformers import AutoTokenizer
+
+    from twlib.hub import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(name, need="tokenizer"))
+
+
+# Commands whose arguments live in their own module (importing it imports torch): their sub-parser is only
+# built when that command runs, so `python -m twlib --help` and `--version` stay fast.
+LAZY = {
+    "sft": ("twlib.sft", "supervised fine-tuning from a YAML config (twlib.sft)",
+            "Trie SFT (mode parallel), the sequential baseline or the leakage ablation (mode causal); see "
+            "twlib/sft.py and configs/tiny-*.yaml", sft),
+    "pgrpo": ("twlib.pgrpo", "P-GRPO (or GRPO for the sequential baseline) from a YAML config (twlib.pgrpo)",
+              "Parallelization-aware GRPO on sampled state-machine rollouts; see twlib/pgrpo.py and "
+              "configs/tiny-pgrpo*.yaml", pgrpo),
+    "plan": ("twlib.plan", "memory/time/cost plan for Qwen3 SFT and RL; --dry-run CONFIG (twlib.plan)", None, plan),
+    "prepare-model": ("twlib.prepare", "add the thread tags to a real model as single tokens (resized, "
+                      "initialised embeddings) into a new folder (twlib.prepare)", None, prepare_model),
+}
+# Commands whose whole argument parsing belongs to another module's main(argv).
+FORWARDED = {
+    "rewrite": ("data generation stage 1: rewrite sequential traces with a strong model", "twlib.datagen"),
+    "arc": ("data generation arc: seed SFT, self-training, second SFT (twlib.datagen)", "twlib.datagen"),
+    "serve": ("serve a checkpoint as /v1/completions (teaching stand-in for vLLM; twlib.engines)", "twlib.engines"),
+}
+
+
+def _command(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv=None) -> int:
+    from twlib import __version__
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command(argv)
+    if command in FORWARDED and argv and argv[0] == command:
+        import importlib
+
+        module = importlib.import_module(FORWARDED[command][1])
+        return module.main(argv) if command != "serve" else module.main(argv[1:], prog="twlib serve")
+
     parser = argparse.ArgumentParser(prog="twlib", description="ThreadWeaver Lab")
+    parser.add_argument("--version", action="version", version=f"twlib {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="the main job: data, oracle ceiling, trie statistics")
     p.add_argument("--out", default="runs/demo")
@@ -222,6 +290,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="data")
+    p.add_argument("--chat-template", default=None, metavar="TOKENIZER",
+                   help="render prompts and responses with this tokenizer's chat template (a folder or a cached "
+                        "hub id, e.g. a prepared Qwen3); default: the raw question as the prompt")
     p.set_defaults(fn=data)
     p = sub.add_parser("prompts", help="a prompt pool (P-GRPO `data`) from a JSON-lines file of problem + answer")
     p.add_argument("--jsonl", required=True, help='one record per line, e.g. {"problem": ..., "answer": ...}')
@@ -231,6 +302,9 @@ def main(argv=None) -> int:
     p.add_argument("--id-field", default=None)
     p.add_argument("--task", default="math", help="grader: math (math-verify), groupsum, multiply")
     p.add_argument("--template", default="{prompt}", help="wraps the prompt text; \\n is a newline")
+    p.add_argument("--chat-template", default=None, metavar="TOKENIZER",
+                   help="prompt = the user turn + assistant header rendered by this tokenizer's chat template "
+                        "(a folder or a cached hub id), as the reference data is; instead of --template")
     p.set_defaults(fn=prompts)
     p = sub.add_parser("eval", help="greedy evaluation of a checkpoint on the tiny task's held-out split")
     p.add_argument("--model", required=True, help="a directory written by save_pretrained (e.g. runs/x/final)")
@@ -257,37 +331,14 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every stage config, e.g. --set max_steps=50")
     p.set_defaults(fn=pipeline)
-    p = sub.add_parser("sft", help="supervised fine-tuning from a YAML config (twlib.sft)",
-                       description="Trie SFT (mode parallel), the sequential baseline or the leakage ablation "
-                                   "(mode causal); see twlib/sft.py and configs/tiny-*.yaml")
-    from twlib.sft import add_arguments as sft_arguments
+    for name, (module, text, description, fn) in LAZY.items():
+        p = sub.add_parser(name, help=text, description=description or text)
+        if name == command:  # only the command that runs imports its module
+            import importlib
 
-    sft_arguments(p)
-    p.set_defaults(fn=sft)
-    p = sub.add_parser("pgrpo", help="P-GRPO (or GRPO for the sequential baseline) from a YAML config (twlib.pgrpo)",
-                       description="Parallelization-aware GRPO on sampled state-machine rollouts; see "
-                                   "twlib/pgrpo.py and configs/tiny-pgrpo*.yaml")
-    from twlib.pgrpo import add_arguments as pgrpo_arguments
-
-    pgrpo_arguments(p)
-    p.set_defaults(fn=pgrpo)
-    p = sub.add_parser("plan", help="memory/time/cost plan for Qwen3 SFT and RL; --dry-run CONFIG (twlib.plan)")
-    from twlib.plan import add_arguments as plan_arguments
-
-    plan_arguments(p)
-    p.set_defaults(fn=plan)
-    for name, text in (("rewrite", "data generation stage 1: rewrite sequential traces with a strong model"),
-                       ("arc", "data generation arc: seed SFT, self-training, second SFT (twlib.datagen)")):
-        sub.add_parser(name, help=text)  # listed in --help; the arguments belong to twlib.datagen
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("rewrite", "arc"):
-        from twlib.datagen import main as datagen_main
-
-        return datagen_main(argv)
-    p = sub.add_parser("serve", help="serve a checkpoint as /v1/completions (teaching stand-in for vLLM)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.set_defaults(fn=serve)
+            importlib.import_module(module).add_arguments(p)
+        p.set_defaults(fn=fn)
+    for name, (text, _) in FORWARDED.items():
+        sub.add_parser(name, help=text)  # listed in --help; the arguments belong to the module
     args = parser.parse_args(argv)
     return args.fn(args)

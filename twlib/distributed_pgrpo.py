@@ -33,7 +33,9 @@ Rollout engines (`--rollout`), one per rank, and how the weights reach them
 - `server`: OpenAI-compatible `/v1/completions` servers, one URL per rank or shared (`--server-url`,
   repeatable); sync = rank 0 writes the gathered weights as one safetensors file into
   `out_dir/weights-sync/` (atomically), then every server is told `POST /load_weights {"path": ...}`.
-  `python -m twlib serve` implements that route (it loads between batches and drops its prefix cache).
+  `python -m twlib serve` implements that route (it loads between batches and drops its prefix cache); it
+  is off unless the server runs with `--allow-weight-updates out_dir/weights-sync`, and needs the shared
+  token in $TWLAB_WEIGHT_TOKEN on both sides (sent as `Authorization: Bearer ...`).
   `vllm serve` has no such route: use `vllm` rollouts, or a weight-sync server extension (TRL's
   `trl vllm-serve` pattern: an NCCL group between trainer and server). Disk sync costs a write and a read
   of the model per step: fine for small models, too slow for 8B every step.
@@ -62,6 +64,7 @@ import argparse
 import copy
 import csv
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -227,11 +230,13 @@ class ServerRollouts(_AlwaysAwake):
     name = "server"
 
     def __init__(self, urls: Sequence[str], tokenizer, sync_dir: Path, ranks: Ranks, server_kind: str = "vllm",
-                 max_context: int | None = None):
-        from twlib.engines import engine_for_server
+                 max_context: int | None = None, weight_token: str | None = None):
+        from twlib.engines import WEIGHT_TOKEN_ENV, engine_for_server
 
         if not urls:
             raise ConfigError("--rollout server needs at least one --server-url")
+        # The servers' POST /load_weights wants their shared token (`twlib serve --allow-weight-updates`).
+        self.weight_token = weight_token or os.environ.get(WEIGHT_TOKEN_ENV) or None
         self.urls = [u.rstrip("/") for u in urls]
         self.url = self.urls[ranks.rank % len(self.urls)]
         self.sync_dir = Path(sync_dir)
@@ -246,7 +251,7 @@ class ServerRollouts(_AlwaysAwake):
 
         from safetensors.torch import save_file
 
-        from twlib.engines import request_json
+        from twlib.engines import WEIGHT_TOKEN_ENV, RequestRejected, request_json
 
         collected = {}
         for name, tensor in weights:  # every rank takes part in the gathers; rank 0 keeps the tensors
@@ -262,9 +267,17 @@ class ServerRollouts(_AlwaysAwake):
                 shutil.rmtree(self.sync_dir)
             os.replace(tmp, self.sync_dir)
         dist.barrier()
+        headers = {"Authorization": f"Bearer {self.weight_token}"} if self.weight_token else {}
         for i, url in enumerate(self.urls):  # each server is told once, by rank i mod W
             if i % ranks.world == ranks.rank:
-                request_json("POST", f"{url}/load_weights", {"path": str(self.sync_dir.resolve())})
+                try:
+                    request_json("POST", f"{url}/load_weights", {"path": str(self.sync_dir.resolve())}, headers)
+                except RequestRejected as e:
+                    raise RequestRejected(f"{e}\nweight sync: start each server with `twlib serve "
+                                          f"--allow-weight-updates {self.sync_dir.resolve()}` and the same "
+                                          f"token in ${WEIGHT_TOKEN_ENV} for the server and the trainer"
+                                          + ("" if self.weight_token else f" (${WEIGHT_TOKEN_ENV} is not set "
+                                                                           f"here)")) from None
         dist.barrier()
         return len(collected) if ranks.main else 0
 

@@ -47,6 +47,13 @@ Design choices
   `HFEngine.generate` call (a forked KV cache), much as continuous batching does.
   `style="llama.cpp"` imitates llama-cpp-python's reply instead (text only, the stop string cut, an EOS
   not counted) so that the re-tokenising path is tested end to end without llama.cpp.
+- Its `POST /load_weights {"path": DIR}` (the weight sync of `twlib.distributed_pgrpo`'s server rollouts)
+  replaces the served weights, so it is closed by default: `--allow-weight-updates ROOT` turns it on for
+  folders inside ROOT only (resolved once at start; the requested folder and each of its *.safetensors
+  files are checked after resolving symlinks and `..`), and every request must carry the shared token
+  (`--weight-token` or $TWLAB_WEIGHT_TOKEN) as `Authorization: Bearer TOKEN`, compared in constant time.
+  A refused request gets HTTP 403 with a JSON error and changes nothing. Not covered: a local user who can
+  write inside ROOT can still swap files between the check and the load; keep ROOT private to the trainer.
 - `VLLMEngine` runs `vllm.LLM` in process with prefix caching on; vllm is imported lazily (GPU only).
 
 Deviations and limits
@@ -649,6 +656,13 @@ class _BadRequest(Exception):
     pass
 
 
+class _Forbidden(Exception):
+    """Refused by policy (weight updates off, no or wrong token, a path outside the allowed folder): HTTP 403."""
+
+
+WEIGHT_TOKEN_ENV = "TWLAB_WEIGHT_TOKEN"
+
+
 def _as_stop_ids(body: dict, tokenizer) -> list[int]:
     ids = _int_list(body.get("stop_token_ids") or [])
     if ids is None:
@@ -698,9 +712,16 @@ class CompletionServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address, engine, tokenizer=None, model_name: str = "hf", batch_window: float = 0.005,
-                 style: str = "vllm"):
+                 style: str = "vllm", weight_dir=None, weight_token: str | None = None):
         if style not in ("vllm", "llama.cpp"):
             raise ValueError(f"style must be 'vllm' or 'llama.cpp', got {style!r}")
+        if weight_dir is not None and not weight_token:
+            raise ValueError(f"weight updates need a shared token: pass weight_token (--weight-token or "
+                             f"${WEIGHT_TOKEN_ENV}); POST /load_weights then requires 'Authorization: Bearer TOKEN'")
+        # Resolved once, at start: a request may only name this folder or one below it (symlinks and `..`
+        # resolved), and never when weight_dir is None (the route is off).
+        self.weight_dir = Path(weight_dir).expanduser().resolve() if weight_dir is not None else None
+        self._weight_token = weight_token.encode("utf-8") if weight_token else None
         super().__init__(address, _Handler)
         self.engine, self.tokenizer, self.model_name, self.style = engine, tokenizer, model_name, style
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -738,12 +759,41 @@ class CompletionServer(ThreadingHTTPServer):
 
     # -- weight sync (twlib.distributed_pgrpo's `server` rollouts) ---------------------------------------
 
-    def load_weights(self, body: dict) -> dict:
-        """POST /load_weights {"path": DIR}: load DIR's safetensors into the served model, between batches,
-        and drop the prefix cache (its KV came from the old weights). Answers the number of tensors."""
+    def _weight_path(self, body: dict, authorization: str | None) -> Path:
+        """The folder a /load_weights request may load, or _Forbidden / _BadRequest saying why not.
+
+        Off unless the server was started with a weight folder; then the request must carry the shared
+        token (`Authorization: Bearer TOKEN`, compared in constant time) and name a folder inside the
+        weight folder, checked after resolving symlinks and `..`, down to each *.safetensors file."""
+        import hmac
+
+        if self.weight_dir is None:
+            raise _Forbidden("weight updates are off on this server: start it with --allow-weight-updates DIR "
+                             f"and a shared token (--weight-token or ${WEIGHT_TOKEN_ENV})")
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _Forbidden("POST /load_weights needs the shared weight token: header 'Authorization: Bearer TOKEN'")
+        if not hmac.compare_digest(token.strip().encode("utf-8"), self._weight_token):
+            raise _Forbidden("POST /load_weights: wrong weight token")
         path = body.get("path")
         if not isinstance(path, str) or not path:
             raise _BadRequest("'path' must name a directory of *.safetensors files")
+        folder = (self.weight_dir / path).resolve()  # an absolute path replaces weight_dir; a relative one is below it
+        if not folder.is_relative_to(self.weight_dir):
+            raise _Forbidden(f"path {path!r} resolves to {folder}, outside the weight folder {self.weight_dir} "
+                             f"this server was started with")
+        if not folder.is_dir():
+            raise _BadRequest(f"path {path!r}: no such directory")
+        for file in folder.glob("*.safetensors"):
+            if not file.resolve().is_relative_to(self.weight_dir):
+                raise _Forbidden(f"{file.name} in {path!r} links outside the weight folder {self.weight_dir}")
+        return folder
+
+    def load_weights(self, body: dict, authorization: str | None = None) -> dict:
+        """POST /load_weights {"path": DIR}: load DIR's safetensors into the served model, between batches,
+        and drop the prefix cache (its KV came from the old weights). Answers the number of tensors.
+        Gated (see `_weight_path`): off by default, a shared token, DIR inside the folder fixed at start."""
+        path = str(self._weight_path(body, authorization))
 
         def load():
             n = load_safetensors_dir(self.engine.model, path)
@@ -827,7 +877,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def _error(self, status: int, message: str) -> None:
-        kind = "BadRequestError" if status == 400 else "NotFoundError" if status == 404 else "InternalServerError"
+        kind = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError"}.get(
+            status, "InternalServerError")
         self._send(status, {"error": {"message": message, "type": kind, "code": status}})
 
     def do_GET(self):
@@ -841,7 +892,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route GET {self.path}")
 
     def do_POST(self):
-        routes = {"/v1/completions": self.server.complete, "/load_weights": self.server.load_weights,
+        routes = {"/v1/completions": self.server.complete,
+                  "/load_weights": lambda body: self.server.load_weights(body, self.headers.get("Authorization")),
                   "/reset_prefix_cache": lambda body: self.server.reset_prefix_cache()}
         route = routes.get(self.path.rstrip("/"))
         if route is None:
@@ -852,6 +904,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise _BadRequest("the request body must be a JSON object")
             reply = route(body)
+        except _Forbidden as e:
+            return self._error(403, str(e))
         except (_BadRequest, ValueError) as e:  # JSONDecodeError and the engine's own checks are ValueErrors
             return self._error(400, str(e))
         except Exception as e:
@@ -860,38 +914,59 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve_hf(engine, host: str = "127.0.0.1", port: int = 0, tokenizer=None, model_name: str = "hf",
-             batch_window: float = 0.005, style: str = "vllm") -> CompletionServer:
+             batch_window: float = 0.005, style: str = "vllm", weight_dir=None,
+             weight_token: str | None = None) -> CompletionServer:
     """Serve `engine` (an HFEngine) at `http://host:port/v1/completions` in a background thread.
 
     port 0 picks a free port (see `server.url`). With a tokenizer the server also takes text prompts and
     one-token stop strings, and returns text. `style="llama.cpp"` answers as llama-cpp-python does.
+    `POST /load_weights` is off unless `weight_dir` is given; it then needs `weight_token` as a bearer token
+    and loads only folders inside `weight_dir`.
     """
-    return CompletionServer((host, port), engine, tokenizer, model_name, batch_window, style).start()
+    return CompletionServer((host, port), engine, tokenizer, model_name, batch_window, style, weight_dir,
+                            weight_token).start()
 
 
-def main(argv=None) -> int:
-    """`python -m twlib.engines --model DIR [--port 8000]`: serve a checkpoint until Ctrl-C."""
-    parser = argparse.ArgumentParser(description="Serve a transformers checkpoint at /v1/completions "
-                                                 "(twlib's reference server; vLLM's API shape)")
-    parser.add_argument("--model", required=True, help="a directory written by save_pretrained")
+def main(argv=None, prog: str | None = None) -> int:
+    """`python -m twlib serve --model DIR [--port 8000] [--allow-weight-updates DIR]`: serve until Ctrl-C."""
+    import os
+
+    parser = argparse.ArgumentParser(prog=prog, description="Serve a transformers checkpoint at /v1/completions "
+                                                            "(twlib's reference server; vLLM's API shape)")
+    parser.add_argument("--model", required=True, help="a directory written by save_pretrained, or a cached hub id")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--name", default=None, help="model name reported by /v1/models (default: the directory name)")
     parser.add_argument("--style", choices=["vllm", "llama.cpp"], default="vllm")
     parser.add_argument("--batch-window", type=float, default=0.005)
+    parser.add_argument("--allow-weight-updates", metavar="DIR", default=None,
+                        help="turn on POST /load_weights for folders inside DIR only (off by default); needs a token")
+    parser.add_argument("--weight-token", default=None,
+                        help=f"the shared token /load_weights requires as 'Authorization: Bearer TOKEN' (default: "
+                             f"${WEIGHT_TOKEN_ENV}; the environment keeps it out of the process list)")
     args = parser.parse_args(argv)
-
-    from pathlib import Path
+    token = args.weight_token or os.environ.get(WEIGHT_TOKEN_ENV) or None
+    if args.allow_weight_updates is None and args.weight_token:
+        parser.error("--weight-token without --allow-weight-updates DIR: weight updates stay off")
+    if args.allow_weight_updates is not None and not token:
+        parser.error(f"--allow-weight-updates needs a shared token: --weight-token TOKEN or ${WEIGHT_TOKEN_ENV}")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from twlib.decoding import HFEngine
+    from twlib.hub import ModelNotFound, resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    engine = HFEngine(AutoModelForCausalLM.from_pretrained(args.model).eval(), tokenizer)
+    try:
+        path = resolve_model(args.model)
+    except ModelNotFound as e:
+        parser.error(str(e))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer)
     server = serve_hf(engine, args.host, args.port, tokenizer, args.name or Path(args.model).name,
-                      args.batch_window, args.style)
-    print(f"serving {args.model} at {server.url}/v1/completions (Ctrl-C stops)", flush=True)
+                      args.batch_window, args.style, args.allow_weight_updates, token)
+    gate = (f"POST /load_weights on for {server.weight_dir} (bearer token)" if server.weight_dir is not None
+            else "POST /load_weights off")
+    print(f"serving {args.model} at {server.url}/v1/completions; {gate} (Ctrl-C stops)", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -869,8 +869,9 @@ def read_launcher(path) -> LauncherConfig:
 def resolve_model(model: str):
     """(meta-device model, ModelShape, note) for SFTConfig.model.
 
-    A preset name; an existing checkpoint directory (its config.json); or a path that does not exist
-    locally whose last component names a Qwen3 size (`models/Qwen3-8B` -> QWEN3_CONFIGS['Qwen3-8B']).
+    A preset name; an existing checkpoint directory (its config.json); a hub id cached by huggingface_hub
+    (its snapshot's config.json, twlib.hub); or a name that is neither whose last component names a Qwen3
+    size (`models/Qwen3-8B`, `Qwen/Qwen3-8B` -> QWEN3_CONFIGS['Qwen3-8B']).
     """
     from twlib.models import PRESETS as TINY, QWEN3_CONFIGS, meta_model
     from twlib.sft import ConfigError
@@ -878,6 +879,14 @@ def resolve_model(model: str):
     if model in TINY:
         return meta_model(model), model_shape(model), f"preset {model!r}"
     path = Path(model)
+    if not path.exists():  # a hub id whose snapshot is in the Hugging Face cache: its config.json
+        from twlib.hub import ModelNotFound, looks_like_hub_id, resolve_model as hub_resolve
+
+        if looks_like_hub_id(model):
+            try:
+                path = Path(hub_resolve(model, need="config"))
+            except ModelNotFound:
+                pass
     if (path / "config.json").is_file():
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -885,7 +894,7 @@ def resolve_model(model: str):
         config = AutoConfig.from_pretrained(str(path))
         with torch.device("meta"):
             built = AutoModelForCausalLM.from_config(config)
-        return built, ModelShape.from_config(config, path.name), f"checkpoint {path}"
+        return built, ModelShape.from_config(config, Path(model).name), f"checkpoint {path}"
     by_name = {k.lower(): k for k in QWEN3_CONFIGS}
     name = by_name.get(path.name.lower())
     if name is None:

@@ -134,8 +134,9 @@ class DataError(ValueError):
 class SFTConfig:
     """Everything a run needs; YAML keys are the field names.
 
-    model            preset name (`tiny`, `small`, `base`: from scratch, seeded by `seed`) or a directory
-                     written by `save_pretrained` (e.g. a previous run's `out_dir/final`)
+    model            preset name (`tiny`, `small`, `base`: from scratch, seeded by `seed`), a directory
+                     written by `save_pretrained` (e.g. a previous run's `out_dir/final`) or a hub id
+                     (`Qwen/Qwen3-0.6B`) already in the Hugging Face cache (twlib.hub; never downloaded)
     item_tokens      presets only: the byte tokenizer with one token per `letter digit` item (a checkpoint
                      directory always brings its own tokenizer)
     task, data       problems: `data` = a Parquet path (`twlib.tasks.save_parquet`), or null to generate
@@ -633,36 +634,45 @@ def resolve_runtime(config: SFTConfig) -> Runtime:
     return Runtime(device, dtype, attn, MASK_KIND[attn], bool(config.autocast))
 
 
-def _is_checkpoint_dir(path) -> bool:
-    return (Path(path) / "config.json").is_file()
+def _local_model(model: str, need: str) -> str:
+    """A local folder for a checkpoint directory or a hub id in the HF cache (twlib.hub); ConfigError if none."""
+    from twlib.hub import ModelNotFound, resolve_model
+    from twlib.models import PRESETS
+
+    try:
+        return resolve_model(model, need=need)
+    except ModelNotFound as e:
+        raise ConfigError(f"field 'model': {model!r} is not a preset ({', '.join(PRESETS)}): {e}") from None
 
 
 def load_tokenizer(model: str, item_tokens: bool = False):
-    """The tokenizer saved with a checkpoint directory, else the project's byte tokenizer
-    (`item_tokens`: with one token per `letter digit` item, see twlib.tokenizer)."""
+    """The tokenizer saved with a checkpoint directory (or a hub id's cached snapshot), else the project's
+    byte tokenizer (`item_tokens`: with one token per `letter digit` item, see twlib.tokenizer)."""
+    from twlib.models import PRESETS
     from twlib.tokenizer import build_tokenizer
 
-    if _is_checkpoint_dir(model) and (Path(model) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+    if model not in PRESETS:
+        path = _local_model(model, "config")
+        if (Path(path) / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(model))
+            return AutoTokenizer.from_pretrained(path)
     return build_tokenizer(item_tokens=item_tokens)
 
 
 def load_base_model(model: str, tokenizer, seed: int, rt: Runtime):
-    """A preset built from scratch (seeded) or a `save_pretrained` directory; on rt.device in rt.dtype."""
+    """A preset built from scratch (seeded), a `save_pretrained` directory or a hub id whose snapshot is in
+    the Hugging Face cache (never downloaded: twlib.hub); on rt.device in rt.dtype."""
     from twlib.models import PRESETS, build_model
 
     if model in PRESETS:
         return build_model(model, tokenizer, seed=seed, device=rt.device, dtype=rt.dtype,
                            attn_implementation=rt.attn)
-    if not _is_checkpoint_dir(model):
-        raise ConfigError(f"field 'model': {model!r} is neither a preset ({', '.join(PRESETS)}) nor a "
-                          f"checkpoint directory with a config.json (train the stage that writes it first)")
+    path = _local_model(model, "weights")
     from transformers import AutoModelForCausalLM
 
     with _NoHFBars():
-        loaded = AutoModelForCausalLM.from_pretrained(str(model), attn_implementation=rt.attn, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(path, attn_implementation=rt.attn, dtype=torch.float32)
     if len(tokenizer) > loaded.get_input_embeddings().weight.shape[0]:
         raise ValueError(f"{model}: tokenizer has {len(tokenizer)} tokens, the model's embedding only "
                          f"{loaded.get_input_embeddings().weight.shape[0]}")

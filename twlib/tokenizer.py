@@ -29,6 +29,8 @@ Design choices:
   trajectories with skip_special_tokens=False.
 """
 
+from pathlib import Path
+
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -175,3 +177,93 @@ def add_thread_tokens(model, tokenizer) -> list[str]:
                 outputs.weight[new_ids[tag]] = _mean_rows(outputs.weight, pieces[tag])
     return missing
 
+
+
+# ---- real tokenizers: the tag check and Qwen3's chat template -----------------------------------------
+
+PREPARE_COMMAND = "python -m twlib prepare-model --model {model} --out {out}"
+
+
+class TagsNotSingleTokens(ValueError):
+    """A tokenizer that splits thread tags into several tokens; the message names them and the fix."""
+
+
+def require_single_token_tags(tokenizer, model: str | None = None) -> dict[str, int]:
+    """`tag_ids(tokenizer)`, or TagsNotSingleTokens naming every tag that splits (with its pieces) and the
+    command that fixes it (`python -m twlib prepare-model`). Called where a run starts: the trainers
+    (twlib.sft, twlib.pgrpo) and the parallel decoder, so an unprepared Qwen3 fails at once, not as a
+    silently wrong trie or a decoder that never sees `</Outlines>`."""
+    vocab = tokenizer.get_vocab()
+    split = {}
+    for tag in TAGS:
+        ids = tokenizer.encode(tag, add_special_tokens=False)
+        if not (tag in vocab and ids == [vocab[tag]]):
+            split[tag] = ids
+    if not split:
+        return {tag: vocab[tag] for tag in TAGS}
+    name = str(model or getattr(tokenizer, "name_or_path", "") or "MODEL")
+    out = f"models/{Path(name.rstrip('/')).name or 'model'}-threadweaver"
+    listed = ", ".join(f"{tag} -> {ids}" for tag, ids in split.items())
+    raise TagsNotSingleTokens(
+        f"tokenizer {name!r} splits {len(split)} thread tag(s) into several tokens: {listed}. Every tag must be "
+        f"ONE token (spec 1). Add them (and embedding rows) once with: "
+        f"{PREPARE_COMMAND.format(model=name, out=out)} and use that folder as the model")
+
+
+def _render(tokenizer, messages: list[dict], **kwargs) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template "
+                         f"(tokenizer_config.json 'chat_template' or chat_template.jinja)")
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
+def chat_prompt(tokenizer, question: str, system: str | None = None) -> str:
+    """The prompt a chat model is conditioned on: the user turn and the assistant header, rendered by the
+    tokenizer's own chat template (`add_generation_prompt=True`), as the reference data is. For Qwen3:
+    `<|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n`; the response then starts with
+    `<think>\\n` (thinking mode; `enable_thinking=False` would pre-fill an empty think block instead)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return _render(tokenizer, messages, add_generation_prompt=True)
+
+
+def chat_example(tokenizer, question: str, response: str, system: str | None = None) -> tuple[str, str]:
+    """(prompt, response) of one training example as the chat template renders the user turn + the assistant
+    turn `response` (`<think>\\n{reasoning}\\n</think>\\n\\n{answer}`).
+
+    The returned response is the template's rendering, which may differ from the input: Qwen3's template
+    strips the reasoning's outer newlines and writes exactly one blank line after `</think>`. The end-of-turn
+    token is not part of it (the trainer appends EOS, `<|im_end|>` for Qwen3); a template that does not end
+    the assistant turn with the tokenizer's EOS is an error, since training would then stop on a token the
+    model never ends with."""
+    prompt = chat_prompt(tokenizer, question, system)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}, {"role": "assistant", "content": response}]
+    full = _render(tokenizer, messages)
+    if not full.startswith(prompt):
+        raise ValueError("chat template: the rendered conversation does not start with the generation prompt "
+                         f"({prompt[-40:]!r} vs {full[len(prompt) - 40:len(prompt)]!r}); cannot split prompt/response")
+    rest = full[len(prompt):]
+    eos = tokenizer.eos_token or ""
+    end = rest.rfind(eos) if eos else -1
+    if end < 0 or rest[end + len(eos):].strip():
+        raise ValueError(f"chat template: the assistant turn does not end with the EOS token {eos!r} "
+                         f"(it ends {rest[-40:]!r})")
+    return prompt, rest[:end]
+
+
+def chat_problems(problems, tokenizer, system: str | None = None) -> list:
+    """Problems with the prompt rendered by the chat template (`chat_prompt` of the question) and the
+    responses as the template renders the assistant turn (`chat_example`); empty responses (prompt pools)
+    stay empty. `meta["chat_template"]` records the tokenizer."""
+    import dataclasses
+
+    out = []
+    name = getattr(tokenizer, "name_or_path", "") or "chat template"
+    for p in problems:
+        fields = {"prompt": chat_prompt(tokenizer, p.question, system), "meta": {**p.meta, "chat_template": str(name)}}
+        for key in ("sequential", "parallel"):
+            text = getattr(p, key)
+            if text:
+                fields[key] = chat_example(tokenizer, p.question, text, system)[1]
+        out.append(dataclasses.replace(p, **fields))
+    return out
