@@ -187,6 +187,12 @@ class GroupSumConfig:
       looked up in the question. "random" is a random permutation of the alphabet, so every label is a
       lookup: in an early ad-hoc 6-minute probe (small preset, ~1M tokens, a shared machine; not a
       committed command) a model learnt only the format with it (loss plateau ~1.07 nats), hence the default.
+    - `question_order`: "groups" lists the groups in the question as A, B, C; "shuffled" lists them in a
+      random order (`C:stu A:jkl B:abc`) while the reasoning, the threads and the answer still go A, B, C.
+      With "groups" a 0.43M model learns to copy the j-th item of the question at the j-th step of the
+      response, a positional shortcut that breaks inside threads (teacher-forced on the long recipe's
+      sequential model: 0% item errors in place, 89% when the reasoning starts at group B, 96% after an
+      outline block). Shuffled groups rule the shortcut out: a group is found by its name.
 
     Default mix: k = 1..5 with weights 1 : 1.5 : 2 : 3 : 3 (about 10% single-group, sequential-only
     problems), 4-6 items per group. Perfect trajectories (1,500 problems, seed 123): self-parallelism 1.98,
@@ -205,10 +211,13 @@ class GroupSumConfig:
     p_parallel: float = 1.0
     max_threads: int | None = None
     labels: str = "runs"
+    question_order: str = "groups"
 
     def __post_init__(self):
         if self.labels not in ("runs", "random"):
             raise ValueError(f"labels must be 'runs' or 'random', got {self.labels!r}")
+        if self.question_order not in ("groups", "shuffled"):
+            raise ValueError(f"question_order must be 'groups' or 'shuffled', got {self.question_order!r}")
         if not 1 <= self.min_groups <= self.max_groups <= len(GROUP_NAMES):
             raise ValueError(f"need 1 <= min_groups <= max_groups <= 26, got {self.min_groups}..{self.max_groups}")
         if not 1 <= self.min_items <= self.max_items:
@@ -318,6 +327,8 @@ def make_groupsum_problem(rng: random.Random, config: GroupSumConfig | None = No
         section, value = _group_section(name, lab, it)
         sections.append(section)
         results.append(value)
+    if cfg.question_order == "shuffled":  # the question lists the groups in a random order
+        rng.shuffle(groups)
     question = " ".join(groups)
     # Every group's result, labelled (`A=7 B=7 C=6`): each answer digit is then an induction copy of its
     # group's result line `B=7`, not "the j-th result line", which a 2-layer model finds hard to count
