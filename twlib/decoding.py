@@ -150,6 +150,9 @@ class ParallelDecoder:
         self.engine, self.tokenizer, self.config, self.parallel = engine, tokenizer, config, parallel
         self.eos = tokenizer.eos_token_id
         if parallel:
+            from twlib.tokenizer import require_single_token_tags
+
+            require_single_token_tags(tokenizer)  # every tag one token, or an error naming the fix
             self.outlines_open = _require_token(tokenizer, OUTLINES_OPEN)
             self.outlines_close = _require_token(tokenizer, OUTLINES_CLOSE)
             self.thread_close = _require_token(tokenizer, THREAD_CLOSE)

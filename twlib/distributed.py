@@ -437,6 +437,8 @@ def _check_config(config, log) -> None:
 
 def _load_model(config, rt, storage_dtype, launch: Launch, source):
     tokenizer = sft.load_tokenizer(config.model)
+    if config.mode != "sequential":  # as twlib.sft: every tag one token, else an error naming prepare-model
+        sft.require_single_token_tags(tokenizer, config.model)
     cpu = sft.Runtime(torch.device("cpu"), storage_dtype, rt.attn, rt.mask_kind, False)
     try:
         model = sft.load_base_model(config.model, tokenizer, config.seed, cpu)

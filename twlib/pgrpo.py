@@ -604,6 +604,10 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
 
     checkpoint = _find(out_dir) if config.resume else None
     tokenizer = load_tokenizer(config.model)
+    if config.mode == "parallel":  # every tag one token, else an error naming `python -m twlib prepare-model`
+        from twlib.tokenizer import require_single_token_tags
+
+        require_single_token_tags(tokenizer, config.model)
     model = load_base_model(str(checkpoint / "model") if checkpoint else config.model, tokenizer, config.seed, rt)
     ref_model = None
     if config.kl_coef > 0:

@@ -101,6 +101,7 @@ import numpy as np
 import torch
 import yaml
 
+from twlib.tokenizer import require_single_token_tags
 from twlib.trie import IGNORE, LOSS_POLICIES, PackedTrie, collate, logprobs, pack, tokenize_calls
 
 __all__ = [
@@ -939,6 +940,8 @@ def _train(config: SFTConfig, on_step, source: str | None, quiet: bool) -> SFTRe
     # Model and tokenizer.
     tokenizer = load_tokenizer(str(checkpoint / "model") if checkpoint is not None and not config.lora
                                else config.model, config.item_tokens)
+    if config.mode != "sequential":  # trie rows and the tags' stop tokens need every tag as one token
+        require_single_token_tags(tokenizer, config.model)
     if checkpoint is not None and not config.lora:
         model = load_base_model(str(checkpoint / "model"), tokenizer, config.seed, rt)
     else:

@@ -40,25 +40,59 @@ LOSS_POLICIES = ("completions", "paper")
 
 
 def tokenize_calls(calls, tokenizer, add_eos: bool = True) -> list[tuple[list[int], list[int]]]:
-    """Token ids for `twlib.format.Call`s, built the way an engine with token-id prompts sees them.
+    """Token ids for `twlib.format.Call`s, built exactly as `twlib.decoding.ParallelDecoder` builds them.
 
-    Each context is the longest already-tokenised context (+ completion) that is a prefix of it, plus
-    the encoding of the rest (the orchestrator's inserted text). This keeps shared prefixes identical
-    token for token even for BPE tokenizers, where encoding each context string from scratch could
-    split differently at a boundary. With `add_eos`, the last call, when sequential, ends with EOS.
+    The decoder works on ids: a thread's context is the shared prefix's ids + `encode("\\n<Thread>\\n{n}:")`,
+    and the join is thread 1's ids + `encode("<Thread>\\n{n}:")` + thread n's ids ... + `encode("\\n")`. The
+    same construction is used here whenever a call has that shape (always, for `engine_calls` output), so
+    training contexts are what the model sees at inference token for token, also with a BPE tokenizer:
+    re-encoding the join as one string would merge the glue's `:` with a thread body that starts with a
+    letter (Qwen3: `2:` + `A` -> `2`, `:A`) or a newline. Every completion is encoded on its own. A context
+    of any other shape is the longest already-tokenised context (+ completion) that prefixes it, plus the
+    encoding of the rest. With `add_eos`, the last call, when sequential, ends with EOS.
     """
+    from twlib.format import THREAD_OPEN, thread_prefix
+
+    cache: dict[str, list[int]] = {}
     known: dict[str, list[int]] = {}
     pairs = []
+    shared: tuple[str, list[int]] | None = None  # the sequential call (context + completion) before a block
+    threads: list[tuple[object, list[int], list[int]]] = []  # the block's thread calls: (call, context, completion)
 
     def encode(text: str) -> list[int]:
-        return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+        if text not in cache:
+            cache[text] = list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+        return list(cache[text])
+
+    def joined() -> tuple[str, list[int]] | None:
+        """The join of the block's threads (phase 4) as text and as the decoder's ids."""
+        if shared is None or not threads:
+            return None
+        first, context, completion = threads[0]
+        text, ids = first.context + first.completion, context + completion
+        for call, _, completion in threads[1:]:
+            glue = f"{THREAD_OPEN}\n{call.thread}:"
+            text, ids = text + glue + call.completion, ids + encode(glue) + completion
+        return text + "\n", ids + encode("\n")
 
     for call in calls:
-        base = max((s for s in known if call.context.startswith(s)), key=len, default="")
-        context_ids = known.get(base, []) + encode(call.context[len(base):])
+        context_ids = None
+        if call.kind == "thread" and shared is not None and call.context == shared[0] + thread_prefix(call.thread):
+            context_ids = shared[1] + encode(thread_prefix(call.thread))
+        elif call.kind == "sequential":
+            join = joined()
+            if join is not None and join[0] == call.context:
+                context_ids = join[1]
+        if context_ids is None:
+            base = max((s for s in known if call.context.startswith(s)), key=len, default="")
+            context_ids = known.get(base, []) + encode(call.context[len(base):])
         completion_ids = encode(call.completion)
         known.setdefault(call.context, context_ids)
         known.setdefault(call.context + call.completion, context_ids + completion_ids)
+        if call.kind == "thread":
+            threads.append((call, context_ids, completion_ids))
+        else:
+            shared, threads = (call.context + call.completion, context_ids + completion_ids), []
         pairs.append((context_ids, completion_ids))
     if add_eos and calls and calls[-1].kind == "sequential" and tokenizer.eos_token_id is not None:
         pairs[-1] = (pairs[-1][0], pairs[-1][1] + [tokenizer.eos_token_id])
