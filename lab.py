@@ -32,7 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("TWLAB_VENV", ROOT / ".venv"))
-TORCH_VERSION = "2.13.0"
+TORCH_VERSION = "2.13.0"  # environment.yml pins the same (tests/test_packaging.py)
+MIN_PYTHON = (3, 11)  # pyproject.toml's requires-python (tests/test_packaging.py)
+EXTRAS = "notebooks,dev,math"  # pyproject extras installed for the demo, the tests and the notebooks
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
@@ -66,7 +68,10 @@ def torch_install_args(gpu: bool) -> list[str]:
 
 
 def install(gpu: bool = False) -> None:
-    extras = "notebooks,dev" + (",gpu" if gpu else "")
+    if sys.version_info < MIN_PYTHON:
+        raise SystemExit(f"lab.py: Python {'.'.join(map(str, MIN_PYTHON))} or newer is needed (pyproject.toml "
+                         f"requires-python); this is {platform.python_version()}: run lab.py with a newer python3")
+    extras = EXTRAS + (",gpu" if gpu else "")
     stamp = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
     marker = VENV / ".twlab-installed"
     if marker.exists() and marker.read_text() == stamp and venv_python().exists():

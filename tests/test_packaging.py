@@ -13,17 +13,105 @@ def normalise(req: str) -> str:
     return req.replace(" ", "").lower()
 
 
-def test_environment_yml_matches_pyproject():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = project["dependencies"] + project["optional-dependencies"]["notebooks"] + \
-        project["optional-dependencies"]["dev"]
+def pip_lines() -> list[str]:
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
-    listed = [p for p in pip if not p.startswith("-e")]
-    assert sorted(map(normalise, listed)) == sorted(map(normalise, wanted))
+    return next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+
+
+def test_environment_yml_matches_pyproject():
+    """environment.yml = pyproject's dependencies + every extra lab.py installs; torch is the CPU build
+    lab.py installs, reachable by `conda env create` (an index line in the pip list, not a comment)."""
+    from packaging.requirements import Requirement
+
+    lab = load_lab()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = lab.EXTRAS.split(",")
+    assert set(extras) <= set(project["optional-dependencies"]), extras
+    wanted = project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]
+    pip = pip_lines()
+    options = [p for p in pip if p.startswith("--")]
+    listed = [p for p in pip if not p.startswith("-")]
     assert "-e ." in pip
-    assert any(str(d).startswith("python>=" + project["requires-python"].removeprefix(">="))
-               for d in env["dependencies"])
+    # conda hands the list to `pip install -r`: the CPU index is an extra index (PyPI stays for the rest),
+    # and pip then prefers torch==X+cpu over PyPI's CUDA X (a local version sorts after the plain one)
+    assert options == [f"--extra-index-url {lab.CPU_INDEX}"]
+    torch_pin = next(Requirement(r) for r in listed if Requirement(r).name == "torch")
+    torch_range = next(Requirement(r) for r in wanted if Requirement(r).name == "torch")
+    assert str(torch_pin.specifier) == f"=={lab.TORCH_VERSION}"
+    assert torch_range.specifier.contains(lab.TORCH_VERSION)
+    others = lambda reqs: sorted(normalise(r) for r in reqs if Requirement(r).name != "torch")
+    assert others(listed) == others(wanted)
+    # one Python floor everywhere: pyproject, environment.yml, lab.py (3.11: tomllib, this very test)
+    floor = project["requires-python"].removeprefix(">=")
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert f"python>={floor}" in env["dependencies"]
+    assert tuple(int(x) for x in floor.split(".")) == lab.MIN_PYTHON == (3, 11)
+
+
+IMPORT_NAMES = {"pyyaml": "yaml", "math-verify": "math_verify", "jupyterlab": None, "ipykernel": None,
+                "ipywidgets": "ipywidgets", "pytest": "pytest", "vllm": "vllm"}
+
+
+def test_every_declared_package_is_used_and_every_used_one_declared():
+    """No dead dependencies (accelerate, nbmake were), and the packages twlib imports are declared."""
+    import re
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    sources = "\n".join(p.read_text(errors="replace") for folder in ("twlib", "tests", "scripts", "benchmarks",
+                                                                     "notebooks")
+                         for p in sorted((ROOT / folder).rglob("*")) if p.suffix in (".py", ".ipynb"))
+    declared = project["dependencies"] + [r for reqs in project["optional-dependencies"].values() for r in reqs]
+    for req in declared:
+        name = Requirement(req).name.lower()
+        module = IMPORT_NAMES.get(name, name.replace("-", "_"))
+        if module is None:  # tools, not imported (jupyterlab, ipykernel)
+            continue
+        assert re.search(rf"\b(import|from) {module}\b", sources), f"{req} is declared but never imported"
+    names = {Requirement(r).name.lower() for r in declared}
+    for module, package in (("pyarrow", "pyarrow"), ("math_verify", "math-verify"), ("yaml", "pyyaml")):
+        assert package in names, f"twlib imports {module}: declare {package}"
+    assert "accelerate" not in names and "nbmake" not in names
+
+
+def test_math_grader_is_an_extra_the_configs_name():
+    """task: math needs math-verify: the `math` extra, named by every config that grades with it."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert [r for r in project["optional-dependencies"]["math"] if r.startswith("math-verify")]
+    assert not any(r.startswith("math-verify") for r in project["dependencies"] + project["optional-dependencies"]["dev"])
+    math_configs = [p for p in (ROOT / "configs").glob("*.yaml")
+                    if any(line.split("#")[0].split() == ["task:", "math"] for line in p.read_text().splitlines())]
+    assert math_configs
+    for path in math_configs:
+        assert '.[math]' in path.read_text(), f"{path.name} grades with math-verify but does not name the math extra"
+    assert '.[math]' in (ROOT / "twlib" / "rewards.py").read_text()
+
+
+def test_cli_version_and_fast_help():
+    """`python -m twlib --version` / `--help` answer without importing torch (measured: 2.0 s -> 0.08 s)."""
+    import subprocess
+    import sys
+
+    import twlib
+
+    code = ("import sys, runpy; sys.argv = ['twlib', '{arg}']\n"
+            "try:\n    runpy.run_module('twlib', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    for arg in ("--version", "--help"):
+        out = subprocess.run([sys.executable, "-c", code.format(arg=arg)], capture_output=True, text=True,
+                             cwd=ROOT, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().endswith("NO-TORCH"), out.stdout
+    version = subprocess.run([sys.executable, "-m", "twlib", "--version"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=120)
+    assert version.stdout.strip() == f"twlib {twlib.__version__}"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["version"] == twlib.__version__
+    helped = subprocess.run([sys.executable, "-m", "twlib", "--help"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120).stdout
+    for command in ("sft", "pgrpo", "plan", "prepare-model", "serve", "prompts"):
+        assert command in helped
 
 
 def load_lab():
@@ -67,6 +155,36 @@ def test_lab_picks_a_cpu_torch(monkeypatch, tmp_path):
     monkeypatch.setenv("PIP_FIND_LINKS", "")
     assert lab.torch_install_args(gpu=False) == [f"torch=={lab.TORCH_VERSION}"]  # macOS wheels are CPU
     assert lab.torch_install_args(gpu=True) == ["torch"]
+
+
+def test_ci_fetches_the_real_tokenizer_before_the_tests():
+    ci = (ROOT / ".ci" / "run").read_text()
+    fetch = ci.index("python3 scripts/fetch_qwen3_tokenizer.py")
+    assert fetch < ci.index("python3 lab.py test")
+    assert 'export CI="${CI:-true}"' in ci[:fetch]  # a missing fixture is then a failure (tests/conftest.py)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"realtok:' in pyproject
+
+
+def test_missing_real_tokenizer_skips_locally_and_fails_under_ci(tmp_path):
+    """The qwen3_tokenizer fixture with $TWLAB_QWEN3_TOKENIZER pointing at an empty folder, in a child pytest."""
+    import os
+    import subprocess
+    import sys
+
+    test = tmp_path / "test_probe.py"
+    test.write_text("def test_probe(qwen3_tokenizer_dir):\n    pass\n")
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text().replace(
+        'Path(__file__).resolve().parent.parent / "scripts"', f'Path({str(ROOT)!r}) / "scripts"'))
+    results = {}
+    for ci in ("", "true"):
+        env = dict(os.environ, TWLAB_QWEN3_TOKENIZER=str(tmp_path / "empty"), CI=ci)
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        results[ci] = (out.returncode, out.stdout)
+    assert results[""][0] == 0 and "1 skipped" in results[""][1], results[""]
+    assert results["true"][0] == 1 and "CI=true: Qwen3 tokenizer not available" in results["true"][1], results["true"]
+    assert "fetch_qwen3_tokenizer.py" in results["true"][1]
 
 
 def test_readme_names_the_commands():

@@ -89,7 +89,8 @@ def math_correct(response: Any, answer: Any) -> bool:
         pred = parse(f"${got}$")
         return bool(gold) and bool(pred) and bool(verify(gold, pred))
     except ImportError as e:  # the grader itself is missing: that is a set-up error, say so
-        raise ImportError("task='math' needs math-verify: pip install 'math-verify>=0.7'") from e
+        raise ImportError("task='math' needs math-verify, the `math` extra: pip install -e \".[math]\" "
+                          "(or pip install 'math-verify>=0.7')") from e
     except Exception:  # noqa: BLE001 - model output must never crash a training step
         return False
 
