@@ -100,3 +100,24 @@ def test_sft_loads_a_hub_id_from_the_cache(cache):
         load_tokenizer("Org/Missing")
     with pytest.raises(ConfigError, match=r"field 'model'.*hf download Org/Missing"):
         load_base_model("Org/Missing", tok, 0, rt)
+
+
+def test_plan_reads_a_cached_hub_ids_config(cache):
+    """plan --dry-run: a cached hub id gives its own config.json; an uncached one falls back to the name."""
+    from twlib.models import tiny_config
+    from twlib.plan import resolve_model as plan_model
+
+    config = tiny_config("tiny", vocab_size=300)
+    snap = snapshot(cache, "Org/Qwen3-8B", {})  # named like a Qwen3 size, but the cached config wins
+    config.save_pretrained(snap)
+    _, shape, note = plan_model("Org/Qwen3-8B")
+    assert note == f"checkpoint {snap}" and shape.name == "Qwen3-8B" and shape.hidden == 128
+    _, shape, note = plan_model("Qwen/Qwen3-8B")  # not cached: the published architecture by name
+    assert shape.hidden == 4096 and "not found locally" in note
+
+
+def test_eval_command_names_the_download(cache, capsys):
+    from twlib.cli import main
+
+    assert main(["eval", "--model", "Org/NotCached", "--n", "1"]) == 2
+    assert "hf download Org/NotCached" in capsys.readouterr().err

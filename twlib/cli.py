@@ -165,8 +165,15 @@ def evaluate_command(args) -> int:
     from twlib.eval import accuracy_by_k, evaluate, summarize, write_rows
     from twlib.sft import eval_problems, load_config
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    from twlib.hub import ModelNotFound, resolve_model
+
+    try:
+        path = resolve_model(args.model)
+    except ModelNotFound as e:
+        print(f"twlib eval: {e}", file=sys.stderr)
+        return 2
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
     problems = eval_problems(load_config(args.config))[: args.n]
     if args.url:  # decode through a completions server (vllm serve, SGLang, llama.cpp) instead
         from twlib.engines import engine_for_server
@@ -307,7 +314,8 @@ def main(argv=None) -> int:
                         "(a folder or a cached hub id), as the reference data is; instead of --template")
     p.set_defaults(fn=prompts)
     p = sub.add_parser("eval", help="greedy evaluation of a checkpoint on the tiny task's held-out split")
-    p.add_argument("--model", required=True, help="a directory written by save_pretrained (e.g. runs/x/final)")
+    p.add_argument("--model", required=True, help="a directory written by save_pretrained (e.g. runs/x/final) "
+                                                  "or a hub id in the Hugging Face cache")
     p.add_argument("--parallel", action="store_true", help="decode with the 5-phase state machine")
     p.add_argument("--config", default="configs/tiny-base.yaml", help="stage config that defines the split")
     p.add_argument("--n", type=int, default=100)

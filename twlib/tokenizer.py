@@ -1,6 +1,9 @@
 """
 Tokenizer for ThreadWeaver Lab: a byte-level "character" tokenizer for the toy tasks,
-plus the helper that teaches a real Qwen3 tokenizer and model the thread tags.
+plus the helpers for a real Qwen3 tokenizer: `add_thread_tokens` (teach it and its model the tags),
+`require_single_token_tags` (refuse one that splits a tag, naming `python -m twlib prepare-model`),
+and `chat_prompt` / `chat_example` / `chat_problems` (prompts and training examples rendered by the
+tokenizer's own chat template, as the reference data is).
 
 Design choices:
 - One token per byte. The synthetic tasks are tiny (digits, letters, a few symbols), so a
@@ -27,6 +30,10 @@ Design choices:
 - No post-processor: encode() adds no BOS/EOS, like Qwen3. Callers append eos themselves.
 - The tags are *special*, so decode(..., skip_special_tokens=True) removes them: decode
   trajectories with skip_special_tokens=False.
+- Real tokenizers: the tag check looks each tag up (never `get_vocab()`, a 0.1 s copy of Qwen3's
+  vocabulary) because the decoder runs it every time it is built. Chat rendering goes through
+  `apply_chat_template` itself, never a hand-written copy of Qwen3's template, and training responses
+  are returned as the template renders them (Qwen3 writes one blank line after `</think>`).
 """
 
 from pathlib import Path
