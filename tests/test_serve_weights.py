@@ -141,4 +141,9 @@ def test_serve_command_needs_a_token_for_weight_updates(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit):
         serve_main(["--model", str(TOY), "--weight-token", "x"])
     assert "--weight-token without --allow-weight-updates" in capsys.readouterr().err
+    from twlib.cli import main  # `python -m twlib serve` hands its whole command line to twlib.engines
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", str(TOY), "--allow-weight-updates", str(tmp_path)])
+    assert "twlib serve: error: --allow-weight-updates needs a shared token" in capsys.readouterr().err
     assert os.environ.get(WEIGHT_TOKEN_ENV) is None
