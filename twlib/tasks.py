@@ -193,6 +193,10 @@ class GroupSumConfig:
       response, a positional shortcut that breaks inside threads (teacher-forced on the long recipe's
       sequential model: 0% item errors in place, 89% when the reasoning starts at group B, 96% after an
       outline block). Shuffled groups rule the shortcut out: a group is found by its name.
+    - `section_order`: "shuffled" makes the sequential reasoning visit the groups in a random order (the
+      answer stays A, B, C), so a model must read the name it has just written to find a group, as every
+      thread after the first must (`<Thread>\n2:B:`). For pre-training data (the base); the parallel form
+      is unchanged.
 
     Default mix: k = 1..5 with weights 1 : 1.5 : 2 : 3 : 3 (about 10% single-group, sequential-only
     problems), 4-6 items per group. Perfect trajectories (1,500 problems, seed 123): self-parallelism 1.98,
@@ -212,12 +216,15 @@ class GroupSumConfig:
     max_threads: int | None = None
     labels: str = "runs"
     question_order: str = "groups"
+    section_order: str = "groups"
 
     def __post_init__(self):
         if self.labels not in ("runs", "random"):
             raise ValueError(f"labels must be 'runs' or 'random', got {self.labels!r}")
         if self.question_order not in ("groups", "shuffled"):
             raise ValueError(f"question_order must be 'groups' or 'shuffled', got {self.question_order!r}")
+        if self.section_order not in ("groups", "shuffled"):
+            raise ValueError(f"section_order must be 'groups' or 'shuffled', got {self.section_order!r}")
         if not 1 <= self.min_groups <= self.max_groups <= len(GROUP_NAMES):
             raise ValueError(f"need 1 <= min_groups <= max_groups <= 26, got {self.min_groups}..{self.max_groups}")
         if not 1 <= self.min_items <= self.max_items:
@@ -335,7 +342,10 @@ def make_groupsum_problem(rng: random.Random, config: GroupSumConfig | None = No
     # (teacher-forced probe: 59% of unlabelled answer digits wrong while every result line was right).
     answer = " ".join(f"{GROUP_NAMES[g]}={v}" for g, v in enumerate(results))
     combine = ""
-    sequential = "<think>\n" + "".join(sections) + combine + f"</think>\n\\boxed{{{answer}}}"
+    order = list(range(k))
+    if cfg.section_order == "shuffled":  # the sequential reasoning visits the groups in a random order
+        rng.shuffle(order)
+    sequential = "<think>\n" + "".join(sections[g] for g in order) + combine + f"</think>\n\\boxed{{{answer}}}"
 
     eligible = k >= cfg.min_groups_to_parallelize and n >= cfg.min_items_to_parallelize and k >= 2
     use_parallel = eligible and rng.random() < cfg.p_parallel
