@@ -548,7 +548,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="rollout engine per rank: hf (in process), vllm (colocated), server (HTTP)")
     parser.add_argument("--server-url", action="append", default=[],
                         help="--rollout server: a /v1/completions server with POST /load_weights (repeatable; "
-                             "rank r uses URL r mod count)")
+                             "rank r uses URL r mod count); the weight token comes from $TWLAB_WEIGHT_TOKEN")
     parser.add_argument("--server-kind", default="vllm", help="reply shape of the servers (twlib.engines)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="--rollout vllm: the fraction of GPU memory vLLM may take beside the trainer")
