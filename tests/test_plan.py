@@ -228,7 +228,8 @@ def test_help_runs():
 
 def test_there_are_the_qwen3_configs():
     assert [p.name for p in QWEN3_YAMLS] == ["qwen3-0.6b-pgrpo.yaml", "qwen3-0.6b-sft.yaml", "qwen3-1.7b-sft.yaml",
-                                             "qwen3-8b-pgrpo.yaml", "qwen3-8b-sft.yaml"]
+                                             "qwen3-8b-pgrpo.yaml", "qwen3-8b-sft.yaml", "qwen3-tiny-pgrpo.yaml",
+                                             "qwen3-tiny-sft.yaml"]
 
 
 @pytest.mark.parametrize("path", QWEN3_YAMLS, ids=lambda p: p.name)

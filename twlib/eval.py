@@ -1,5 +1,15 @@
 """Evaluation: accuracy, format, critical paths, speed-ups and wall clock, with the paper's figures.
 
+    python -m twlib.eval --model runs/qwen3-8b-pgrpo/final --data data/aime24.parquet --parallel \
+        --max-new-tokens 40960 --url http://127.0.0.1:8000 --out runs/qwen3-8b-pgrpo/eval_parallel_aime24.csv
+
+The command line decodes a Parquet of problems (`twlib.tasks.save_parquet`: e.g. a benchmark written by
+`python -m twlib prompts --jsonl ... --chat-template MODEL`, or `python -m twlib data --chat-template`'s eval
+split) with the state machine (`--parallel`) or the sequential decoder, in process (HFEngine) or through a
+completions server (`--url`, e.g. `vllm serve`), grades each response with its problem's grader
+(`twlib.rewards.is_correct`: math-verify for `task: math`) and writes the per-problem rows. (`python -m twlib
+eval` evaluates the generated split of a task config instead.)
+
 Design choices
 - Per-problem rows first, summaries second: every number a notebook prints is an aggregate of a table
   that is saved as CSV next to it, so it can be checked and re-plotted.
@@ -21,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from twlib.tasks import extract_answer, grade
+from twlib.tasks import extract_answer
 
 
 @dataclass
@@ -45,8 +55,11 @@ class ProblemResult:
 
 
 def evaluate(decoder, problems, tokenizer, batch_size: int = 1, progress: bool = True) -> list[ProblemResult]:
-    """Decode every problem's prompt with `decoder` (a ParallelDecoder or sequential decoder) and grade it."""
+    """Decode every problem's prompt with `decoder` (a ParallelDecoder or sequential decoder) and grade it with
+    its task's grader (`twlib.rewards.is_correct`: exact match for the synthetic tasks, math-verify for math)."""
     from tqdm.auto import tqdm
+
+    from twlib.rewards import is_correct
 
     prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems]
     bar = tqdm(total=len(problems), desc="decode", disable=not progress, leave=False)
@@ -56,7 +69,7 @@ def evaluate(decoder, problems, tokenizer, batch_size: int = 1, progress: bool =
     for p, r in zip(problems, results):
         rows.append(ProblemResult(
             id=p.id, k=p.meta.get("k"), answer=p.answer, predicted=extract_answer(r.text),
-            correct=grade(r.text, p.answer, p.task), valid=r.valid, parallel=r.stats.blocks > 0,
+            correct=is_correct(r.text, p.answer, p.task), valid=r.valid, parallel=r.stats.blocks > 0,
             finished=r.finished, flags=";".join(r.flags), total=r.stats.total, longest=r.stats.longest,
             eta=r.stats.eta, threads=r.stats.threads, blocks=r.stats.blocks, seconds=r.seconds, text=r.text))
     return rows
@@ -185,3 +198,88 @@ def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: a Parquet of problems, decoded in process or through a server
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True, help="a save_pretrained folder (e.g. runs/x/final) or a hub id in "
+                                                       "the Hugging Face cache; its tokenizer encodes the prompts")
+    parser.add_argument("--data", required=True, help="Parquet of problems (twlib.tasks.save_parquet): prompt, answer, "
+                                                      "task (the grader)")
+    parser.add_argument("--parallel", action="store_true", help="decode with the 5-phase state machine")
+    parser.add_argument("--n", type=int, default=None, help="the first N problems (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16, help="problems decoded together")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="budget over every call of a response")
+    parser.add_argument("--max-thread-tokens", type=int, default=None, help="cap per thread (default: the budget)")
+    parser.add_argument("--device", default="auto", help="in-process decoding: auto (cuda if available) | cpu | cuda")
+    parser.add_argument("--url", default=None, help="decode through a completions server (vllm serve, SGLang, ...)")
+    parser.add_argument("--server-kind", default="vllm", choices=["vllm", "sglang", "llama-server", "llama-cpp-python"])
+    parser.add_argument("--out", default=None, help="CSV of the per-problem rows (write_rows)")
+    return parser
+
+
+def main(argv=None) -> int:
+    """`python -m twlib.eval`: decode and grade a Parquet of problems; print the summary. Errors: exit code 2."""
+    import argparse
+    import sys
+
+    args = add_arguments(argparse.ArgumentParser(prog="python -m twlib.eval",
+                                                 description="decode and grade a Parquet of problems")).parse_args(argv)
+    try:
+        rows = run(args)
+    except (OSError, ValueError) as e:  # missing model / data, a tokenizer without the tags, bad sizes
+        print(f"twlib.eval: {e}", file=sys.stderr)
+        return 2
+    s = summarize(rows)
+    print(f"{args.model} on {args.data} ({'parallel' if args.parallel else 'sequential'}): {s['problems']} problems, "
+          f"accuracy {100 * s['accuracy']:.1f}%, format valid {100 * s['format_valid']:.1f}%, parallel "
+          f"{100 * s['parallel_rate']:.1f}%, flagged {100 * s['flagged']:.1f}%, token latency "
+          f"{s['mean_token_latency']:.1f}, total tokens {s['mean_total_tokens']:.1f}, {s['seconds']:.1f} s"
+          + (f" -> {args.out}" if args.out else ""))
+    return 0
+
+
+def run(args) -> list[ProblemResult]:
+    """The rows of `main`'s arguments (written to args.out when given)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from twlib.decoding import DecodeConfig, HFEngine, ParallelDecoder, sequential_decoder
+    from twlib.hub import resolve_model
+    from twlib.tasks import load_parquet
+
+    for name in ("n", "batch_size", "max_new_tokens", "max_thread_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    if not Path(args.data).is_file():
+        raise FileNotFoundError(f"--data {args.data}: no such file (write it with `python -m twlib prompts` or "
+                                f"`python -m twlib data`)")
+    problems = load_parquet(args.data)[: args.n]
+    if not problems:
+        raise ValueError(f"--data {args.data}: no problems")
+    path = resolve_model(args.model, need="tokenizer" if args.url else "weights")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if args.url:  # the server holds the weights; only the tokenizer is read here
+        from twlib.engines import engine_for_server
+
+        engine = engine_for_server(args.url, args.server_kind, tokenizer)
+    else:
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        engine = HFEngine(model, tokenizer)
+    config = DecodeConfig(max_new_tokens=args.max_new_tokens,
+                          max_thread_tokens=args.max_thread_tokens or args.max_new_tokens)
+    decoder = (ParallelDecoder(engine, tokenizer, config) if args.parallel
+               else sequential_decoder(engine, tokenizer, config))
+    rows = evaluate(decoder, problems, tokenizer, batch_size=args.batch_size, progress=False)
+    if args.out:
+        write_rows(args.out, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

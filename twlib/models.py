@@ -13,7 +13,8 @@ Design choices:
   (counts with the 268-token byte tokenizer). head_dim is 32 everywhere and the MLP is
   3x hidden; embeddings are tied, since at this size the embedding is a large share.
 - The vocab is always the tokenizer's exact length: no padding to a multiple of 64, so
-  ids and rows line up one to one.
+  ids and rows line up one to one. Exception: `qwen3-tiny` (REAL_TOKENIZER_PRESETS), Qwen3's
+  architecture at toy size for Qwen3's real tokenizer, keeps Qwen3's padded 151,936 rows.
 - Seeded init runs inside torch.random.fork_rng: the same seed gives the same weights,
   and the caller's global RNG state is left alone. Weights are created in fp32 on CPU and
   then moved/cast, so the seed means the same thing on every device and dtype.
@@ -83,6 +84,18 @@ QWEN3_CONFIGS: dict[str, dict] = {
 # The reference ThreadWeaver runs extend Qwen3-8B's context to this many positions.
 REFERENCE_CONTEXT = 131_072
 
+# Qwen3 architecture and vocabulary at toy size, for Qwen3's REAL tokenizer (never the byte tokenizer):
+# `python -m twlib prepare-model --preset qwen3-tiny --tokenizer DIR --out models/qwen3-tiny` writes it with
+# random weights and the thread tags added. Every field but the four sizes is Qwen3's (the 151,936-row
+# embedding included, so prepare-model's tags land in existing rows as on the real checkpoints). The
+# embedding is 99% of its 4.9M parameters; the LM head over 151,936 tokens is then most of a CPU step's
+# work, so the hidden size is 32. It exercises every full-scale entry point except learning anything.
+QWEN3_TINY = "qwen3-tiny"
+REAL_TOKENIZER_PRESETS: dict[str, dict] = {
+    QWEN3_TINY: {**_qwen3(hidden=32, layers=2, heads=2, intermediate=96, tied=True),
+                 "num_key_value_heads": 1, "head_dim": 16},
+}
+
 
 def _lookup(table: dict[str, dict], name: str, kind: str) -> dict:
     """table[name] as a fresh dict, or a ValueError that lists the valid names."""
@@ -119,6 +132,9 @@ def default_vocab_size() -> int:
 def resolve_config(preset_or_config, tokenizer=None) -> Qwen3Config:
     """Turn a preset name, a Qwen3 name or a Qwen3Config into a Qwen3Config (a copy).
 
+    `qwen3-tiny` (REAL_TOKENIZER_PRESETS) has Qwen3's own 151,936-token vocabulary: pass Qwen3's tokenizer
+    (its special-token ids go into the config); the byte tokenizer fits it too but makes no sense with it.
+
     Copying matters: transformers keeps a reference to the config inside the model, and
     we write token ids into it.
     """
@@ -129,8 +145,10 @@ def resolve_config(preset_or_config, tokenizer=None) -> Qwen3Config:
     elif preset_or_config in PRESETS:
         vocab = len(tokenizer) if tokenizer is not None else default_vocab_size()
         config = tiny_config(preset_or_config, vocab_size=vocab)
+    elif preset_or_config in REAL_TOKENIZER_PRESETS:
+        config = Qwen3Config(**_lookup(REAL_TOKENIZER_PRESETS, preset_or_config, "preset"))
     else:
-        valid = ", ".join([*PRESETS, *QWEN3_CONFIGS])
+        valid = ", ".join([*PRESETS, *REAL_TOKENIZER_PRESETS, *QWEN3_CONFIGS])
         raise ValueError(f"unknown model {preset_or_config!r}; valid: {valid} or a Qwen3Config")
 
     if tokenizer is not None:

@@ -871,13 +871,16 @@ def resolve_model(model: str):
 
     A preset name; an existing checkpoint directory (its config.json); a hub id cached by huggingface_hub
     (its snapshot's config.json, twlib.hub); or a name that is neither whose last component names a Qwen3
-    size (`models/Qwen3-8B`, `Qwen/Qwen3-8B` -> QWEN3_CONFIGS['Qwen3-8B']).
+    size (`models/Qwen3-8B`, `Qwen/Qwen3-8B` -> QWEN3_CONFIGS['Qwen3-8B']) or a real-tokenizer preset
+    (`models/qwen3-tiny` -> REAL_TOKENIZER_PRESETS['qwen3-tiny']).
     """
-    from twlib.models import PRESETS as TINY, QWEN3_CONFIGS, meta_model
+    from twlib.models import PRESETS as TINY, QWEN3_CONFIGS, REAL_TOKENIZER_PRESETS, meta_model
     from twlib.sft import ConfigError
 
     if model in TINY:
         return meta_model(model), model_shape(model), f"preset {model!r}"
+    if model in REAL_TOKENIZER_PRESETS:
+        return meta_model(model), model_shape(model), f"preset {model!r} (Qwen3 architecture and vocabulary)"
     path = Path(model)
     if not path.exists():  # a hub id whose snapshot is in the Hugging Face cache: its config.json
         from twlib.hub import ModelNotFound, looks_like_hub_id, resolve_model as hub_resolve
@@ -895,13 +898,19 @@ def resolve_model(model: str):
         with torch.device("meta"):
             built = AutoModelForCausalLM.from_config(config)
         return built, ModelShape.from_config(config, Path(model).name), f"checkpoint {path}"
-    by_name = {k.lower(): k for k in QWEN3_CONFIGS}
+    by_name = {k.lower(): k for k in [*QWEN3_CONFIGS, *REAL_TOKENIZER_PRESETS]}
     name = by_name.get(path.name.lower())
     if name is None:
         raise ConfigError(f"field 'model': {model!r} is neither a preset ({', '.join(TINY)}), a checkpoint "
-                          f"directory with a config.json, nor named after a Qwen3 size ({', '.join(QWEN3_CONFIGS)})")
-    note = (f"{model} not found locally: using the {name} architecture from twlib.models.QWEN3_CONFIGS "
-            f"(download the checkpoint there before training)")
+                          f"directory with a config.json, nor named after a Qwen3 size "
+                          f"({', '.join([*QWEN3_CONFIGS, *REAL_TOKENIZER_PRESETS])})")
+    if name in REAL_TOKENIZER_PRESETS:
+        note = (f"{model} not found locally: using the {name} preset's architecture from twlib.models "
+                f"(write it there before training: python -m twlib prepare-model --preset {name} --tokenizer "
+                f"QWEN3_TOKENIZER --out {model})")
+    else:
+        note = (f"{model} not found locally: using the {name} architecture from twlib.models.QWEN3_CONFIGS "
+                f"(download the checkpoint there before training)")
     return meta_model(name), model_shape(name), note
 
 
@@ -1023,7 +1032,7 @@ def _pgrpo_dry_run(config_path, overrides=()) -> tuple[str, Plan]:
     from twlib.models import count_parameters
     from twlib.pgrpo import load_pgrpo_config
 
-    from twlib.models import QWEN3_CONFIGS
+    from twlib.models import QWEN3_CONFIGS, REAL_TOKENIZER_PRESETS
     from twlib.sft import ConfigError
 
     cfg = load_pgrpo_config(config_path, overrides)
@@ -1031,7 +1040,8 @@ def _pgrpo_dry_run(config_path, overrides=()) -> tuple[str, Plan]:
     try:
         model, shape, model_note = resolve_model(cfg.model)
     except ConfigError:  # an SFT output directory not trained yet: its size is in its name (runs/qwen3-8b-...)
-        name = next((n for n in sorted(QWEN3_CONFIGS, key=len, reverse=True) if n.lower() in cfg.model.lower()), None)
+        names = sorted([*QWEN3_CONFIGS, *REAL_TOKENIZER_PRESETS], key=len, reverse=True)
+        name = next((n for n in names if n.lower() in cfg.model.lower()), None)
         if name is None:
             raise
         model, shape, model_note = resolve_model(name)
