@@ -1,4 +1,4 @@
-"""Helpers shared by the multi-process tests (tests/test_distributed*.py)."""
+"""Helpers shared by the multi-process tests (tests/test_distributed*.py, tests/test_qwen3_tiny.py)."""
 
 import csv
 import socket
@@ -20,3 +20,16 @@ def final_weights(out_dir) -> dict:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(Path(out_dir) / "final")).state_dict()
+
+
+def assert_same_curve(rows, reference, rel=1e-4):
+    """Two SFT metrics.csv row lists (e.g. 2 ranks vs 1 process): same steps, token counts and lr, losses and
+    grad norms equal to `rel`."""
+    import pytest
+
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for r, ref in zip(rows, reference):
+        assert int(r["trained_tokens"]) == int(ref["trained_tokens"]) and int(r["tokens"]) == int(ref["tokens"])
+        assert r["lr"] == ref["lr"]
+        assert float(r["loss"]) == pytest.approx(float(ref["loss"]), rel=rel), (r, ref)
+        assert float(r["grad_norm"]) == pytest.approx(float(ref["grad_norm"]), rel=rel), (r, ref)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import final_weights, free_port, read_metrics
+from helpers import assert_same_curve, final_weights, free_port, read_metrics
 
 from twlib import distributed, sft
 from twlib.format import engine_calls
@@ -156,15 +156,6 @@ def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_ranks")
     mp.spawn(_worker, args=(2, free_port(), str(root)), nprocs=2, join=True)
     return root
-
-
-def assert_same_curve(rows, reference, rel=1e-4):
-    assert [r["step"] for r in rows] == [r["step"] for r in reference]
-    for r, ref in zip(rows, reference):
-        assert int(r["trained_tokens"]) == int(ref["trained_tokens"]) and int(r["tokens"]) == int(ref["tokens"])
-        assert r["lr"] == ref["lr"]
-        assert float(r["loss"]) == pytest.approx(float(ref["loss"]), rel=rel), (r, ref)
-        assert float(r["grad_norm"]) == pytest.approx(float(ref["grad_norm"]), rel=rel), (r, ref)
 
 
 @pytest.mark.slow

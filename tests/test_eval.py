@@ -72,3 +72,28 @@ def test_accuracy_by_k_counts_per_number_of_groups():
     rows = [row(3, True), row(1, False), row(3, False), row(1, True), row(None, True), row(3, True)]
     assert accuracy_by_k(rows) == {1: (1, 2), 3: (2, 3), None: (1, 1)}
     assert list(accuracy_by_k(rows)) == [1, 3, None]  # in order of k, problems without k last
+
+
+def test_math_problems_are_graded_with_math_verify():
+    """`task: math` rows go to math-verify (twlib.rewards.is_correct): 0.5 is right for \\frac{1}{2}, which exact
+    match would reject, and 0.25 is wrong."""
+    from twlib.tasks import Problem
+
+    tok = build_tokenizer()
+    rows = []
+    for boxed in ("0.5", "0.25"):
+        response = f"<think>\nhalf of it\n</think>\n\n\\boxed{{{boxed}}}"
+        p = Problem(f"half-{boxed}", "math", "3/6 in lowest terms?", "3/6 in lowest terms?\n", response, response,
+                    "\\frac{1}{2}")
+        decoder = sequential_decoder(oracle_for(response, p.prompt, tok)[0], tok, DecodeConfig(max_new_tokens=500))
+        rows += evaluate(decoder, [p], tok, progress=False)
+    assert [(r.predicted, r.correct) for r in rows] == [("0.5", True), ("0.25", False)]
+
+
+def test_command_line_errors_name_the_problem(tmp_path, capsys):
+    from twlib.eval import main
+
+    assert main(["--model", str(tmp_path), "--data", str(tmp_path / "missing.parquet")]) == 2
+    assert "missing.parquet: no such file" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--data", str(tmp_path / "x.parquet"), "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
