@@ -14,7 +14,7 @@ import pytest
 from twlib import datagen as dg
 from twlib.decoding import Completion
 from twlib.format import DISTANCE_EXAMPLE, FormatError, engine_calls
-from twlib.tasks import GroupSumConfig, generate
+from twlib.tasks import GroupSumConfig, Problem, generate
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "assets" / "checkpoints" / "toy-parallel"
@@ -518,3 +518,15 @@ def test_shipped_arc_reports_are_consistent():
         for stage in ("sft1", "sft2"):
             assert report[stage]["problems"] == report["config"]["n_eval"] == 500
         assert "sft2" in dg.format_arc(report)
+
+
+def test_self_train_grades_math_prompts_with_math_verify(char_tok):
+    """A `task: math` prompt pool (the 8B self-training stage): an answer written in another form than the
+    ground truth (0.5 for \\frac{1}{2}) is correct and kept; exact match would drop it as wrong."""
+    text = "<think>\nhalf of it\n</think>\n\n\\boxed{0.5}"
+    right = Problem("half", "math", "3/6?", "3/6?\n", "", "", "\\frac{1}{2}")
+    wrong = Problem("third", "math", "2/6?", "2/6?\n", "", "", "\\frac{1}{3}")
+    engine = ReplayEngine(char_tok, [(right.prompt, text), (wrong.prompt, text)])
+    result = dg.self_train(None, char_tok, [right, wrong], dg.SelfTrainConfig(max_new_tokens=200), engine=engine)
+    assert [(r["correct"], r["reason"]) for r in result.rows] == [(True, ""), (False, "answer: wrong")]
+    assert [p.id for p in result.problems] == ["half"]

@@ -76,7 +76,8 @@ from typing import Any, Callable, Sequence, Union
 
 from twlib.engines import BadResponse, EngineError, HTTPConfig, request_json
 from twlib.format import TAGS, Block, FormatError, parse, path_stats
-from twlib.tasks import Problem, extract_answer, grade
+from twlib.rewards import is_correct
+from twlib.tasks import Problem, extract_answer
 
 __all__ = [
     "StepError", "Trace", "split_trace", "number_lines", "parse_json_reply",
@@ -553,7 +554,7 @@ def format_filter(candidate: str, original: str, answer: str | None = None, task
     got, want = extract_answer(candidate), extract_answer(original)
     if got != want:
         reasons.append(f"answer: changed from {want!r} to {got!r}")
-    elif answer is not None and not grade(candidate, answer, task):
+    elif answer is not None and not is_correct(candidate, answer, task):
         reasons.append(f"answer: {got!r} does not match the ground truth {answer!r}")
     before, b = prompt, 0
     for seg in trajectory.segments:
@@ -797,7 +798,7 @@ def _check_input(problem: Problem, trace: Trace) -> None:
             raise StepError("input", "already_parallel", "the trace already has a <Parallel> block")
     except FormatError as e:
         raise StepError("input", "format", f"the trace does not parse: {e}")
-    if not grade(text, problem.answer, problem.task):
+    if not is_correct(text, problem.answer, problem.task):
         raise StepError("input", "wrong_answer", f"the trace's answer {extract_answer(text)!r} is not "
                         f"{problem.answer!r} (only correct traces are rewritten)")
 
@@ -1086,12 +1087,13 @@ class SelfTrainResult:
 
 def keep_reason(problem: Problem, result, config: SelfTrainConfig = SelfTrainConfig()) -> str | None:
     """Why a decoded trajectory (a DecodeResult) is not kept, or None: format first (it must parse, end
-    with EOS and carry no decoder flag), then the answer, then (optionally) parallelism."""
+    with EOS and carry no decoder flag), then the answer (the problem's grader, `twlib.rewards.is_correct`:
+    math-verify for `task: math` prompt pools), then (optionally) parallelism."""
     if not result.valid:
         return "format: does not parse"
     if result.flags or not result.finished:
         return "format: " + (", ".join(result.flags) or "did not end with EOS")
-    if config.require_correct and not grade(result.text, problem.answer, problem.task):
+    if config.require_correct and not is_correct(result.text, problem.answer, problem.task):
         return "answer: wrong"
     if config.require_parallel and result.stats.blocks == 0:
         return "sequential: no block"
@@ -1133,7 +1135,7 @@ def self_train(model, tokenizer, problems: Sequence[Problem], config: SelfTrainC
             meta = {**p.meta, "source": "self-train", "sample": len(texts) - 1}
             kept.append(dataclasses.replace(p, parallel=r.text, meta=meta))
         rows.append({"id": p.id, "kept": reason is None, "reason": reason or "", "valid": r.valid,
-                     "correct": grade(r.text, p.answer, p.task), "parallel": r.stats.blocks > 0,
+                     "correct": is_correct(r.text, p.answer, p.task), "parallel": r.stats.blocks > 0,
                      "total": r.stats.total, "longest": r.stats.longest, "text": r.text})
     n = max(len(rows), 1)
     counts = {"prompts": len(problems), "decoded": len(rows), "kept": len(kept),
