@@ -10,18 +10,20 @@ configs' relative paths (models/, data/, runs/) resolve:
 
   prepare-model --preset -> data --chat-template (SFT trajectories) -> prompts --chat-template (math pool)
   -> plan --dry-run and the trainers' --dry-run -> sft (one process) -> torchrun 2 ranks of twlib.distributed
-  (FSDP2 on gloo) -> pgrpo (task: math, math-verify) -> python -m twlib.eval (state-machine decoding, graded)
+  (FSDP2 on gloo) -> pgrpo (task: math, math-verify), one process and torchrun 2 ranks of
+  twlib.distributed_pgrpo -> python -m twlib.eval (state-machine decoding, graded)
 
 Real assertions, each able to fail: the first SFT loss is ln(151,936) (a 151k-way softmax at random init)
 and it falls at every step on one repeated batch; the 2-rank loss curve, grad norms and final weights equal
-the single process's; decoded outputs keep the chat prompt as their context and parse or carry a flag;
-P-GRPO rows have rewards within [incorrect_reward, 1 + rho_clip]; math-verify grades equivalent forms of the
+the single process's, and so do the 2-rank P-GRPO run's rollouts; decoded outputs keep the chat prompt as
+their context and parse or carry a flag; P-GRPO rows have rewards within [incorrect_reward, 1 + rho_clip];
+math-verify grades equivalent forms of the
 pool's answers (0.5 for \\frac{1}{2}) that exact match would not; and an update with non-zero advantages
 (a stand-in reward: a random model answers nothing right) moves the weights.
 
 The tokenizer comes from `scripts/fetch_qwen3_tokenizer.py` (fixture `qwen3_tokenizer_dir`: skipped locally
 without it, a failure under CI=true). Measured on the project's 2-core machine while another job held both
-cores: about 2 minutes for the whole file (`pytest -m qwen3tiny --durations=0`).
+cores: 96 s for the whole file (`pytest -m qwen3tiny --durations=0`).
 """
 
 import csv
@@ -278,6 +280,27 @@ def test_pgrpo_with_math_verify(pgrpo_run):
         assert int(r["completion_tokens"]) > 0 and int(r["trie_tokens"]) > int(r["completion_tokens"])
         assert all(math.isfinite(float(r[k])) for k in ("loss", "grad_norm", "eta", "critical_path"))
     assert (pgrpo_run / "final" / "config.json").is_file()
+
+
+def test_distributed_pgrpo_two_ranks_match_one_process(work, pgrpo_run):
+    """torchrun + twlib.distributed_pgrpo (FSDP2 trainer, an HFEngine per rank): rank r rolls out its own prompt
+    groups, each rollout seeded on its own, so the step's rollouts (tokens, rewards, paths) are the single
+    process's exactly; losses and weights to 1e-4."""
+    twlib_cmd(work, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "-m",
+              "twlib.distributed_pgrpo", "--config", PGRPO_CONFIG, "--rollout", "hf", "--set",
+              "out_dir=runs/qwen3-tiny-pgrpo-2ranks", timeout=420)
+    out = work / "runs" / "qwen3-tiny-pgrpo-2ranks"
+    rows, reference = read_metrics(out), read_metrics(pgrpo_run)
+    assert len(rows) == len(reference) == 2
+    exact = ("step", "reward", "reward_std", "zero_std_groups", "accuracy", "parallel_rate", "eta", "critical_path",
+             "total_tokens", "truncation_rate", "invalid_rate", "trie_tokens", "completion_tokens")
+    for r, ref in zip(rows, reference):
+        assert {k: r[k] for k in exact} == {k: ref[k] for k in exact}
+        for k in ("loss", "grad_norm"):
+            assert float(r[k]) == pytest.approx(float(ref[k]), rel=1e-4, abs=1e-7)
+    a, b = final_weights(out), final_weights(pgrpo_run)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
 def test_pgrpo_update_with_advantages_moves_the_weights(work, sft_run, data, tmp_path):
