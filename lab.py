@@ -3,7 +3,6 @@
 
     python3 lab.py demo      # create .venv if needed, install, run the main job: the whole tiny pipeline
     python3 lab.py demo --from-assets   # the same table from the shipped checkpoints (under a minute)
-    python3 lab.py demo --from-assets --long   # the longer recipe's shipped models (99.4% / 100%)
     python3 lab.py test      # create .venv if needed, install, run the test suite (extra args go to pytest)
     python3 lab.py lab       # open the notebooks in JupyterLab
     python3 lab.py install [--gpu]

@@ -397,7 +397,7 @@ def test_trajectory_stats_on_groupsum_oracle():
     (`\\n`, `n:`, body, `\\n`); an outline line `<Outline>1:A</Outline>\\n` 6; the block's fixed part
     8 + 8k; `<think>\\n`, the `\\n</think>\\n\\boxed{..}` and the answer (4k-1 characters) 20 + 4k.
     So T = 20 + 12k + sum(9m+9), L = 20 + 12k + max(9m+9); a one-group (sequential) trace has 9m + 21."""
-    ps = generate("groupsum", 40, seed=7)
+    ps = generate("groupsum", 80, seed=7)
     rows = []
     for p in ps:
         sizes = p.meta["sizes"]

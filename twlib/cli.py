@@ -201,15 +201,18 @@ def pipeline(args) -> int:
     from twlib.pipeline import PipelineConfig, run
 
     quick = args.from_assets
-    n_eval = args.n_eval if args.n_eval is not None else (100 if quick else 500)
-    wall = args.wall_problems if args.wall_problems is not None else (20 if quick else 100)
+    n_eval = args.n_eval if args.n_eval is not None else 500
+    wall = args.wall_problems if args.wall_problems is not None else (50 if quick else 100)
+    cfg = PipelineConfig(out=args.out, fresh=args.fresh, from_assets=args.from_assets, n_eval=n_eval,
+                         wall_problems=wall, seed=args.seed, overrides=tuple(args.set),
+                         pgrpo_overrides=tuple(args.set_pgrpo))
+    command = "python -m twlib pipeline" + (" --from-assets" if quick else "") + (
+        f" --seed {args.seed}" if args.seed is not None else "") + f" --out {args.out}"
     try:
-        cfg = PipelineConfig(out=args.out, fresh=args.fresh, from_assets=args.from_assets, long=args.long,
-                             n_eval=n_eval, wall_problems=wall, overrides=tuple(args.set), pgrpo=args.pgrpo)
-    except ValueError as e:  # a bad combination of options: say which, no traceback
+        run(cfg, command=command)
+    except FileNotFoundError as e:  # a missing base or shipped checkpoint: say which, no traceback
         print(f"twlib pipeline: {e}", file=sys.stderr)
         return 2
-    run(cfg)
     return 0
 
 
@@ -325,19 +328,19 @@ def main(argv=None) -> int:
     p.add_argument("--url", default=None, help="decode through a completions server (vllm serve, SGLang, llama.cpp)")
     p.add_argument("--server-kind", default="vllm", choices=["vllm", "sglang", "llama-server", "llama-cpp-python"])
     p.set_defaults(fn=evaluate_command)
-    p = sub.add_parser("pipeline", help="the whole tiny pipeline: base, parallel/sequential/causal SFT, evaluation")
+    p = sub.add_parser("pipeline", help="the main job: from the shipped base, trie SFT, baselines, P-GRPO, "
+                                        "evaluation and the paper's three claims")
     p.add_argument("--out", default="runs/tiny")
     p.add_argument("--fresh", action="store_true", help="delete OUT and start over (default: resume)")
-    p.add_argument("--from-assets", action="store_true", help="evaluate the shipped checkpoints only")
-    p.add_argument("--long", action="store_true",
-                   help="with --from-assets: the longer recipe's models (tiny-long-*, 99.4%% / 100%%)")
-    p.add_argument("--pgrpo", action="store_true", help="also run P-GRPO on the parallel model (~6 min more)")
-    p.add_argument("--n-eval", type=int, default=None,
-                   help="held-out problems evaluated (default 500; 100 with --from-assets)")
+    p.add_argument("--from-assets", action="store_true", help="evaluate the shipped final models only")
+    p.add_argument("--seed", type=int, default=None, help="training seed of every stage (default: the configs')")
+    p.add_argument("--n-eval", type=int, default=None, help="held-out problems evaluated (default 500)")
     p.add_argument("--wall-problems", type=int, default=None,
-                   help="problems timed one at a time (default 100; 20 with --from-assets)")
+                   help="problems timed one at a time (default 100; 50 with --from-assets)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of every stage config, e.g. --set max_steps=50")
+                   help="override a field of every SFT stage config, e.g. --set max_steps=50")
+    p.add_argument("--set-pgrpo", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the P-GRPO config, e.g. --set-pgrpo steps=10")
     p.set_defaults(fn=pipeline)
     for name, (module, text, description, fn) in LAZY.items():
         p = sub.add_parser(name, help=text, description=description or text)
