@@ -1,6 +1,6 @@
 """Decoding benchmark: the same problems decoded four ways in one run, one problem at a time.
 
-    .venv/bin/python benchmarks/decode.py [--parallel assets/checkpoints/tiny-parallel]
+    .venv/bin/python benchmarks/decode.py [--parallel assets/checkpoints/tiny-pgrpo]
         [--sequential assets/checkpoints/tiny-sequential] [--n 100] [--seed 1]
 
 1. sequential model, ordinary decoding;
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parallel", default=str(ROOT / "assets/checkpoints/tiny-parallel"))
+    parser.add_argument("--parallel", default=str(ROOT / "assets/checkpoints/tiny-pgrpo"))
     parser.add_argument("--sequential", default=str(ROOT / "assets/checkpoints/tiny-sequential"))
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1)

@@ -18,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "assets" / "results"
 NAMES = {"base": "base (shipped)", "parallel": "stage 1: trie SFT (mix)", "pgrpo": "**+ P-GRPO (final)**",
-         "sequential": "sequential SFT", "causal": "causal (leakage ablation)"}
+         "sequential": "sequential SFT", "causal": "causal (leakage ablation)",
+         "parallel_forced": "stage 1, forced to open a block", "causal_forced": "causal, forced to open a block"}
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -34,7 +35,7 @@ def main_table() -> str:
     rows = {r["model"]: r for r in read_csv(RESULTS / "results.csv")}
     lines = ["| model | accuracy | format valid | parallel (k > 1) | token latency | mean speed-up | max | "
              "s/problem (batch 1) | training (min) |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in ("base", "parallel", "pgrpo", "sequential", "causal"):
+    for name in ("base", "parallel", "pgrpo", "sequential", "causal", "parallel_forced", "causal_forced"):
         r = rows[name]
         lines.append(f"| {NAMES[name]} | {num(r['accuracy'], '{:.1f}%')} | {num(r['format_valid'], '{:.1f}%')} | "
                      f"{num(r['multi_group_parallel'], '{:.1f}%')} | {num(r['token_latency'], '{:.1f}')} | "
@@ -104,7 +105,27 @@ def probe_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"main": main_table, "claims": claims_table, "timing": timing_line, "seeds": seeds_table,
+def arc_table() -> str:
+    lines = ["| arc (`python -m twlib arc ...`) | seed SFT | self-training pool | kept (with a block) | "
+             "format: seed SFT -> 2nd SFT | accuracy: seed SFT -> 2nd SFT | decode (min) |", "|---|---|---|---|---|---|---|"]
+    for path in sorted((ROOT / "assets" / "arc").glob("*.json")):
+        r = json.loads(path.read_text())
+        c, st = r["config"], r["self_train"]
+        flags = f"--n-seed {c['n_seed']} --sft1-epochs {c['sft1_epochs']:g} --n-pool {c['n_pool']}"
+        if r["keep"] != "format+correct":
+            flags += " --keep format"
+        lines.append(f"| `{flags}` (`{path.name}`) | {c['n_seed']} x {c['sft1_epochs']:g} epochs | {st['counts']['prompts']:,}, "
+                     f"keep {r['keep'].replace('+', ' AND ')} | {st['counts']['kept']:,} "
+                     f"({100 * st['stats']['parallel_ratio']:.0f}%) | {100 * r['sft1']['format_correct']:.1f}% -> "
+                     f"{100 * r['sft2']['format_correct']:.1f}% | {100 * r['sft1']['accuracy']:.1f}% -> "
+                     f"{100 * r['sft2']['accuracy']:.1f}% | {st['seconds'] / 60:.1f} |")
+    p = json.loads(next((ROOT / "assets" / "arc").glob("*.json")).read_text())["paper_format_correct"]
+    lines.append(f"| paper (Qwen3-8B) | 959 x 8 epochs | 53k, keep format-valid AND correct | 17,491 | "
+                 f"{p['sft1']}% -> {p['sft2']}% | - | - |")
+    return "\n".join(lines)
+
+
+TABLES = {"main": main_table, "arc": arc_table, "claims": claims_table, "timing": timing_line, "seeds": seeds_table,
           "pgrpo": pgrpo_table, "probe": probe_table}
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

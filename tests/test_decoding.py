@@ -225,3 +225,22 @@ def test_sampling_is_seeded(toy):
     again = engine2.generate([Request(prompt, 40)], SamplingParams(temperature=1.0, top_p=0.9, seed=1))[0].ids
     assert runs[0] != runs[2] or runs[1] != runs[2]
     assert again == runs[0]
+
+
+def test_response_prefix_forces_the_parallel_form(toy):
+    """`DecodeConfig.response_prefix` is part of the response: text, token counts and format check."""
+    from twlib.decoding import DecodeConfig, HFEngine, ParallelDecoder, sequential_decoder
+
+    model, tok = toy
+    single = [p for p in generate("groupsum", 40, seed=5) if p.meta["k"] == 1][:2]  # greedy: no block
+    prompts = [tok.encode(p.prompt) for p in single]
+    free = ParallelDecoder(HFEngine(model, tok), tok, DecodeConfig(max_new_tokens=200)).decode(prompts, batch_size=2)
+    forced = ParallelDecoder(HFEngine(model, tok), tok, DecodeConfig(max_new_tokens=200,
+                             response_prefix="<think>\n<Parallel>\n")).decode(prompts, batch_size=2)
+    for a, b in zip(free, forced):
+        assert a.stats.blocks == 0 and not a.text.startswith("<think>\n<Parallel>")
+        assert b.text.startswith("<think>\n<Parallel>\n<Outlines>") and b.stats.blocks >= 1
+        assert b.response_ids[:4] == tok.encode("<think>\n<Parallel>\n")
+    # a sequential decoder with a prefix continues after it
+    seq = sequential_decoder(HFEngine(model, tok), tok, DecodeConfig(max_new_tokens=30, response_prefix="<think>\nA:"))
+    assert seq.decode(prompts[0]).text.startswith("<think>\nA:")

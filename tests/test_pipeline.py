@@ -9,7 +9,7 @@ import pytest
 
 from twlib.claims import judge
 from twlib.eval import read_rows
-from twlib.pipeline import ASSET_NAMES, PipelineConfig, run
+from twlib.pipeline import ASSET_NAMES, FORCED, FORCED_PREFIX, PipelineConfig, run
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "assets" / "results"
@@ -24,11 +24,12 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys):
                          pgrpo_overrides=("steps=1", "prompts_per_step=1", "rollouts_per_prompt=2",
                                           "max_new_tokens=48", "max_thread_tokens=24", "n_train=16"))
     rows = run(cfg)
-    assert [r["model"] for r in rows] == ["base", "parallel", "pgrpo", "sequential", "causal"]
+    assert [r["model"] for r in rows] == ["base", "parallel", "pgrpo", "sequential", "causal", "parallel_forced",
+                                          "causal_forced"]
     for stage in ("parallel", "sequential", "causal", "pgrpo"):
         assert (tmp_path / "run" / stage / "final" / "config.json").is_file()
     table = list(csv.DictReader((tmp_path / "run" / "results.csv").open()))
-    assert len(table) == 5 and all(0 <= float(r["accuracy"]) <= 100 for r in table)
+    assert len(table) == 7 and all(0 <= float(r["accuracy"]) <= 100 for r in table)
     claims = json.loads((tmp_path / "run" / "claims.json").read_text())
     assert [c["name"] for c in claims["claims"]] == ["C1 parity", "C2 speed", "C3 RL"]
     out = capsys.readouterr().out
@@ -52,13 +53,15 @@ def test_from_assets_reproduces_the_shipped_rows(tmp_path, capsys):
 
     assert main(["pipeline", "--from-assets", "--out", str(tmp_path), "--n-eval", "12", "--wall-problems", "2"]) == 0
     table = {r["model"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
-    assert set(table) == set(ASSET_NAMES)
-    for name in ASSET_NAMES:
+    assert set(table) == set(ASSET_NAMES) | set(FORCED)
+    for name in [*ASSET_NAMES, *FORCED]:
         ours = read_rows(tmp_path / f"eval_{name}.csv")
         theirs = read_rows(RESULTS / f"eval_{name}.csv")[:12]
         assert [r.id for r in ours] == [r.id for r in theirs]
         assert [r.text for r in ours] == [r.text for r in theirs], name
     assert "done already" not in capsys.readouterr().out
+    forced = read_rows(tmp_path / "eval_parallel_forced.csv")
+    assert all(r.text.startswith(FORCED_PREFIX) for r in forced)
 
 
 def test_shipped_claims_follow_from_the_shipped_rows():

@@ -1155,7 +1155,7 @@ PAPER_FORMAT = {"sft1": 56.4, "sft2": 77.0}  # format correctness (%), spec sect
 class ArcConfig:
     """The arc's sizes and steps. Defaults are the full-size run (32 min on 2 CPU cores; assets/arc/); tests shrink them.
 
-    model        the start model: a sequential base (the pipeline's `runs/tiny/base/final`), a preset name
+    model        the start model: a sequential base (the shipped `assets/checkpoints/tiny-base`), a preset name
                  (`tiny`: from scratch) or any parallel checkpoint
     n_seed       first SFT's data: the task generator's parallel trajectories, standing in for the ~1k
                  rewritten traces (paper: 959)
@@ -1166,7 +1166,7 @@ class ArcConfig:
     """
 
     out: str = "runs/arc"
-    model: str = "runs/tiny/base/final"
+    model: str = "assets/checkpoints/tiny-base"
     task: str = "groupsum"
     task_options: dict = field(default_factory=dict)
     data_seed: int = 0
@@ -1397,7 +1397,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_rewrite_command)
     p = sub.add_parser("arc", help="first SFT, self-training, second SFT on the tiny task (resumable)")
     p.add_argument("--out", default="runs/arc")
-    p.add_argument("--model", default="runs/tiny/base/final", help="start model (a sequential base)")
+    p.add_argument("--model", default="assets/checkpoints/tiny-base", help="start model (a sequential base)")
     p.add_argument("--n-seed", type=int, default=1000)
     p.add_argument("--n-pool", type=int, default=20000)
     p.add_argument("--n-eval", type=int, default=500)

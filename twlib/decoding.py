@@ -125,6 +125,9 @@ class DecodeConfig:
     max_iterations: int = 32  # blocks per response, as in the reference
     thread_mode: str = "batched"  # "batched" (one engine call per block) | "serial" (one thread at a time)
     sampling: SamplingParams = SamplingParams()
+    # text forced at the start of every response, e.g. "<think>\n<Parallel>\n" to make a model that can
+    # write both forms use the parallel one; it is part of the response (text, token counts, format check)
+    response_prefix: str = ""
 
 
 _OUTLINE_NUMBER = re.compile(r"<Outline>\s*(\d+)\s*:")
@@ -178,8 +181,8 @@ class ParallelDecoder:
                 request.seed = request_seed(seed, made)
             made += 1
             return request
-        context, calls, flags = list(prompt_ids), [], []
-        generated, blocks, finished = 0, 0, False
+        context, calls, flags = list(prompt_ids) + self.encode(cfg.response_prefix), [], []
+        generated, blocks, finished = len(context) - len(prompt_ids), 0, False
         limit = self.engine.max_context
         seq_stops = (self.outlines_close, self.eos) if self.parallel else (self.eos,)
 

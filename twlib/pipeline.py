@@ -12,7 +12,8 @@ sequential base `assets/checkpoints/tiny-base`, see its model card):
 2. sequential: the baseline, SFT of the same base on the same problems in sequential form;
 3. causal: the leakage ablation, stage 1's text trained as one causal sequence (threads see siblings);
 4. pgrpo: P-GRPO from the stage-1 model with the paper's reward (`tiny-pgrpo.yaml`);
-5. evaluation: every model greedy on the held-out problems, then the final (P-GRPO) and the sequential
+5. evaluation: every model greedy on the held-out problems (stage 1 and the ablation also with the
+   response forced to open a block: `parallel_forced`, `causal_forced`), then the final (P-GRPO) and the sequential
    model one problem at a time for wall clock (the paper's setting), and the claims table (`twlib.claims`).
 
 Design choices
@@ -38,6 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SFT_STAGES = ("parallel", "sequential", "causal")
 PARALLEL_MODELS = ("parallel", "pgrpo", "causal")  # decoded with the state machine
+# Stage 1 and the leakage ablation write a block only now and then (greedy); decoded a second time with
+# the response forced to open one, they show how well each solves the parallel form itself.
+FORCED = {"parallel_forced": "parallel", "causal_forced": "causal"}
+FORCED_PREFIX = "<think>\n<Parallel>\n"
 ASSET_NAMES = {"base": "tiny-base", "parallel": "tiny-parallel", "pgrpo": "tiny-pgrpo",
                "sequential": "tiny-sequential", "causal": "tiny-causal"}
 PAPER = {  # spec section 7 (Qwen3-8B, averages over six benchmarks; wall clock on 50 MATH500 problems)
@@ -148,17 +153,21 @@ def evaluate_models(models: dict[str, str], problems, cfg: PipelineConfig, wall_
     from twlib.decoding import DecodeConfig, HFEngine, ParallelDecoder, sequential_decoder
     from twlib.eval import evaluate, summarize, write_rows
 
-    decode_config = DecodeConfig(max_new_tokens=cfg.max_new_tokens)
+    import sys
+
     out = Path(cfg.out)
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()  # bars on a terminal
     results, wall = {}, {}
     for name, path in models.items():
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         engine = HFEngine(model, tokenizer)
-        decoder = (ParallelDecoder(engine, tokenizer, decode_config) if name in PARALLEL_MODELS
+        decode_config = DecodeConfig(max_new_tokens=cfg.max_new_tokens,
+                                     response_prefix=FORCED_PREFIX if name in FORCED else "")
+        decoder = (ParallelDecoder(engine, tokenizer, decode_config) if name in PARALLEL_MODELS or name in FORCED
                    else sequential_decoder(engine, tokenizer, decode_config))
         start = time.perf_counter()
-        rows = evaluate(decoder, problems, tokenizer, batch_size=cfg.eval_batch, progress=bool(cfg.progress))
+        rows = evaluate(decoder, problems, tokenizer, batch_size=cfg.eval_batch, progress=show)
         s = summarize(rows)
         _say(f"[eval] {name:<10} accuracy {100 * s['accuracy']:5.1f}%  format {100 * s['format_valid']:5.1f}%  "
              f"parallel {100 * s['parallel_rate']:5.1f}%  latency {s['mean_token_latency']:6.1f}  "
@@ -168,7 +177,7 @@ def evaluate_models(models: dict[str, str], problems, cfg: PipelineConfig, wall_
         if name in wall_pair and cfg.wall_problems:
             subset = problems[: cfg.wall_problems]
             evaluate(decoder, subset[:3], tokenizer, progress=False)  # warm-up
-            timed = evaluate(decoder, subset, tokenizer, batch_size=1, progress=bool(cfg.progress))
+            timed = evaluate(decoder, subset, tokenizer, batch_size=1, progress=show)
             write_rows(out / f"wall_{name}.csv", timed)
             wall[name] = timed
     return {"rows": results, "wall": wall}
@@ -198,12 +207,12 @@ def results_table(evals: dict, training: dict) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = [("model", "{:<11}"), ("accuracy", "{:>6.1f}%"), ("format_valid", "{:>6.1f}%"),
+    cols = [("model", "{:<15}"), ("accuracy", "{:>6.1f}%"), ("format_valid", "{:>6.1f}%"),
             ("multi_group_parallel", "{:>6.1f}%"), ("token_latency", "{:>8.1f}"), ("total_tokens", "{:>7.1f}"),
             ("speedup_mean", "{:>6.2f}x"), ("speedup_max", "{:>6.2f}x"), ("wall_s_per_problem", "{:>7.3f}"),
             ("train_min", "{:>5.1f}")]
     heads = ["model", "acc", "format", "par k>1", "latency", "total", "speed", "max", "s/prob", "min"]
-    widths = [11, 7, 7, 7, 8, 7, 7, 7, 7, 5]
+    widths = [15, 7, 7, 7, 8, 7, 7, 7, 7, 5]
     _say(" ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(heads, widths))))
     for row in rows:
         _say(" ".join(fmt.format(row[key]) if key in row else "-".rjust(w) for (key, fmt), w in zip(cols, widths)))
@@ -240,14 +249,45 @@ def write_claims(path: Path, claims: list, ceiling: float, command: str) -> None
                     "why": c.why} for c in claims]}, indent=1))
 
 
+class Tee:
+    """Print to the console and append to a log file (the run's `pipeline.log`)."""
+
+    def __init__(self, stream, path: Path):
+        self.stream, self.file = stream, path.open("a")
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def run(cfg: PipelineConfig, command: str = "python -m twlib pipeline") -> list[dict]:
-    from twlib.claims import claim_table
-    from twlib.tasks import format_ceiling
+    """The whole job (see the module docstring); its console output is also appended to `out/pipeline.log`."""
+    import contextlib
+    import sys
 
     out = Path(cfg.out)
     if cfg.fresh and out.exists() and not cfg.from_assets:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    tee = Tee(sys.stdout, out / "pipeline.log")
+    try:
+        with contextlib.redirect_stdout(tee):
+            return _run(cfg, command, out)
+    finally:
+        tee.file.close()
+
+
+def _run(cfg: PipelineConfig, command: str, out: Path) -> list[dict]:
+    from twlib.claims import claim_table
+    from twlib.tasks import format_ceiling
+
     started = time.perf_counter()
     config, problems, ceiling = held_out(cfg)
     _say(f"== data: {len(problems)} held-out {config.task} problems (seed {config.data_seed}); the oracle's "
@@ -257,6 +297,7 @@ def run(cfg: PipelineConfig, command: str = "python -m twlib pipeline") -> list[
     assets = Path(cfg.assets)
     if cfg.from_assets:
         models = {name: str(assets / folder) for name, folder in ASSET_NAMES.items()}
+        models.update({forced: models[name] for forced, name in FORCED.items()})
         missing = [m for m in models.values() if not Path(m).is_dir()]
         if missing:
             raise FileNotFoundError(f"shipped checkpoints not found: {', '.join(missing)}")
@@ -270,6 +311,7 @@ def run(cfg: PipelineConfig, command: str = "python -m twlib pipeline") -> list[
         training["pgrpo"] = train_pgrpo(cfg)
         models = {"base": cfg.base, **{name: str(out / name / "final") for name in ("parallel", "pgrpo",
                                                                                        "sequential", "causal")}}
+        models.update({forced: models[name] for forced, name in FORCED.items()})
     _say("== evaluation (greedy)")
     evals = evaluate_models(models, problems, cfg)
     rows = results_table(evals, training)
