@@ -63,8 +63,8 @@ def timing_line() -> str:
     total = re.findall(r"total ([\d.]+) min$", log, re.M)[-1]
     parts = ", ".join(f"{name} {minutes} min" for name, _, minutes in stages)
     ev = sum(int(s) for _, s in evals)
-    return (f"Total {total} min: training {parts}; greedy evaluation of the five models {ev} s "
-            f"(the rest: loading, the oracle table, wall clock at batch 1).")
+    return (f"Total {total} min: training {parts}; greedy evaluation ({len(evals)} decodes of the held-out "
+            f"problems) {ev} s; the rest is loading, the oracle table and wall clock at batch 1.")
 
 
 def seeds_table() -> str:
