@@ -186,18 +186,21 @@ def greedy_alone(model, prompt, max_new_tokens, stops):
 
 def test_hf_engine_batched_fork_equals_each_request_alone(toy):
     model, tok = toy
-    problems = generate("groupsum", 6, seed=21)
+    problems = [p for p in generate("groupsum", 30, seed=21) if p.meta["k"] >= 2][:6]
     stops = (tok.convert_tokens_to_ids("</Thread>"), tok.convert_tokens_to_ids("</Outlines>"), tok.eos_token_id)
-    requests = []
-    for p in problems[:3]:  # thread requests of unequal length sharing a prefix, plus whole prompts
-        pairs = tokenize_calls(engine_calls(p.parallel, p.prompt), tok)
-        requests += [Request(c, 40, stops) for c, _ in pairs[:3]]
-    requests += [Request(tok.encode(p.prompt), 60, stops) for p in problems[3:]]
-    engine = HFEngine(model, tok)
-    outs = engine.generate(requests, SamplingParams())
-    for r, o in zip(requests, outs):
-        assert o.ids == greedy_alone(model, r.prompt_ids, r.max_new_tokens, set(r.stop_ids))
-    assert engine.stats["prefill_tokens"] < sum(len(r.prompt_ids) for r in requests)  # shared prefixes once
+    # the thread requests of one problem share its context (forked once); requests of several problems and
+    # whole prompts of unequal length share nothing
+    five = next(p for p in problems if p.meta["k"] == 5)
+    threads = [Request(c, 40, stops) for c, _ in tokenize_calls(engine_calls(five.parallel, five.prompt), tok)[1:6]]
+    mixed = [Request(c, 40, stops) for p in problems[:3] for c, _ in tokenize_calls(engine_calls(p.parallel, p.prompt), tok)[:2]]
+    mixed += [Request(tok.encode(p.prompt), 60, stops) for p in problems[3:]]
+    for requests, shared in ((threads, True), (mixed, False)):
+        engine = HFEngine(model, tok)
+        outs = engine.generate(requests, SamplingParams())
+        for r, o in zip(requests, outs):
+            assert o.ids == greedy_alone(model, r.prompt_ids, r.max_new_tokens, set(r.stop_ids))
+        if shared:  # the shared context is prefilled once, not once per thread
+            assert engine.stats["prefill_tokens"] < sum(len(r.prompt_ids) for r in requests) / 2
 
 
 def test_decoding_modes_agree_on_a_real_model(toy):
