@@ -6,10 +6,11 @@ on gloo, the tiny preset, a few steps. What they check:
 - 2 ranks give the loss curve (and grad norms, and final weights) of the single-process `twlib.sft.train`
   to 1e-4 relative per step, with 3 rows per step, so one rank gets 2 rows and the other 1 (+ a filler pass);
   also with activation checkpointing and the chunk-recomputing LM head switched on;
+- only rank 0 loads the base model; rank 1 builds it on the meta device and receives its shards;
 - a 2-rank run interrupted after step 3 (last checkpoint at step 2) and resumed ends with the same per-step
   losses and the same weights as the uninterrupted 2-rank run;
 - 1 rank through the command line (`main`, no torchrun) gives the same curve too;
-- the building blocks: row split, micro-batch plan, the chunk-recomputing LM head, launcher options, and
+- the building blocks: row split, micro-batch plan, the two LM-head modes, launcher options, and
   twlib.sft's new `gradient_checkpointing` field (same losses with and without).
 The interruption is an exception raised on every rank after a step (as tests/test_sft.py does); the resumed
 run rebuilds model, optimizer and data from scratch and reads its state from the DCP checkpoint on disk.
@@ -27,7 +28,7 @@ from twlib.format import engine_calls
 from twlib.models import build_model
 from twlib.sft import SFTConfig
 from twlib.tokenizer import build_tokenizer
-from twlib.trie import IGNORE, collate, logprobs, pack
+from twlib.trie import IGNORE, collate, pack
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_TASK = {"max_groups": 3, "group_weights": None, "min_items": 2, "max_items": 4}
@@ -66,21 +67,22 @@ def test_micro_batch_plan_gives_every_rank_the_same_passes(n_step, world, per_mi
         assert all(part is None or 1 <= len(part) <= per_micro for part in plan)
 
 
-def test_checkpointed_logprobs_equal_trie_logprobs():
+def test_kept_and_recomputed_lm_head_give_the_same_loss_and_gradients():
+    """TrieLoss's two LM-head modes (`--logits chunked|kept`) through twlib.sft.batch_loss, several chunks."""
     tok = build_tokenizer()
     model = build_model("tiny", tok, seed=0)
     rows = collate([pack(engine_calls(BLOCK, "Q\n"), tok), pack([([1, 2, 3], [4, 5]), ([1, 2, 3, 6], [7])])])
-    mask = rows.attention_mask("bool")
-    trained = rows.labels != IGNORE
-    reference = logprobs(model, rows, mask=mask)
-    (-(reference * trained).sum()).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    chunked = distributed.checkpointed_logprobs(model, rows, mask, chunk_size=7)  # several chunks
-    (-(chunked * trained).sum()).backward()
-    torch.testing.assert_close(chunked, reference, rtol=0, atol=1e-6)
-    for n, p in model.named_parameters():  # chunk by chunk: another summation order, hence the atol
-        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5)
+    results = {}
+    for logits in distributed.LOGITS:
+        model.zero_grad()
+        loss, trained = distributed.TrieLoss(model, "bool", logits, logits_chunk=7)(rows, 10.0)
+        loss.backward()
+        results[logits] = loss.detach(), trained, {n: p.grad.clone() for n, p in model.named_parameters()}
+    (a, n_a, grads_a), (b, n_b, grads_b) = results["chunked"], results["kept"]
+    assert n_a == n_b == int((rows.labels != IGNORE).sum())
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=0, atol=1e-6)
 
 
 def test_launch_options_follow_the_launcher_block_then_the_flags():
@@ -120,8 +122,12 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    loads = []  # calls of the base-model loader on this rank
+    real_loader = sft.load_base_model
+    sft.load_base_model = lambda *args, **kwargs: loads.append(args[0]) or real_loader(*args, **kwargs)
     try:
-        distributed.train(config(Path(root) / "full"), quiet=True)
+        result = distributed.train(config(Path(root) / "full"), quiet=True)
+        (Path(root) / f"load-{rank}.json").write_text(json.dumps({**result.load, "loader_calls": len(loads)}))
         memory_savers = distributed.Launch(gradient_checkpointing=True, logits="chunked", logits_chunk=64)
         distributed.train(config(Path(root) / "savers", checkpoint_every=0), memory_savers, quiet=True)
 
@@ -167,6 +173,23 @@ def test_two_ranks_match_the_single_process_run(single, two_ranks):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_only_rank_0_materialises_the_full_model(two_ranks):
+    """Rank 1 never loads the base model: its model is on the meta device until sharded and it then holds its
+    shards only (half the parameters); rank 0 loads the one full copy. The curve and weights of this run are
+    test_two_ranks_match_the_single_process_run's."""
+    from twlib.models import count_parameters
+
+    full_bytes = 4 * count_parameters(build_model("tiny", build_tokenizer()))  # fp32, tied weights once
+    reports = [json.loads((two_ranks / f"load-{r}.json").read_text()) for r in range(2)]
+    assert reports[0]["loader_calls"] == 1 and reports[0]["full_copy_bytes"] == full_bytes
+    assert reports[1]["loader_calls"] == 0 and reports[1]["full_copy_bytes"] == 0
+    for report in reports:
+        assert report["meta_until_shard"]
+        assert 0.45 * full_bytes <= report["shard_bytes"] <= 0.55 * full_bytes  # its half of each tensor
+    assert reports[0]["shard_bytes"] + reports[1]["shard_bytes"] == full_bytes
 
 
 @pytest.mark.slow

@@ -8,11 +8,13 @@ that varies between rollouts (so every step has a gradient). What they check:
   critical paths and token counts exactly, and its loss, grad norm and final weights to float tolerance;
   that only holds if every rank's engine got the new weights after every step;
 - a run interrupted after step 3 (checkpoint at 2) and resumed ends where the uninterrupted run does;
+- only rank 0 loads the base model (rank 1 builds on the meta device and receives the weights);
 - `server` rollouts: each rank serves a RANDOMLY initialised model over HTTP (`twlib.engines.serve_hf`);
   the trainer pushes its weights before the first step and after every step (safetensors + POST
   /load_weights), and the run again equals the single-process one.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 import torch
 from helpers import final_weights, free_port, read_metrics
 
-from twlib import distributed, distributed_pgrpo, pgrpo
+from twlib import distributed, distributed_pgrpo, pgrpo, sft
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "assets" / "checkpoints" / "toy-parallel"
@@ -45,7 +47,9 @@ def odd_groups_reward(text, answer, stats):
 
 # With 2 prompts a step and seed 1, the steps' groups are (idle, idle), (signal, signal), (idle, idle) and
 # (signal, idle): group g runs on rank g % 2, so step 4 has signal on rank 0 only and both ranks must step.
-SKIP = dict(prompts_per_step=2, seed=1, skip_idle_steps=True, reward_fn=odd_groups_reward)
+# The pool as it was drawn when this was chosen: groups listed in order (tasks' default is now "shuffled").
+SKIP = dict(prompts_per_step=2, seed=1, skip_idle_steps=True, reward_fn=odd_groups_reward,
+            task_options={"question_order": "groups"})
 KL = dict(steps=3, kl_coef=0.5, lr=3e-3)  # a k3 penalty to the frozen starting model, sharded beside the policy
 
 
@@ -189,6 +193,9 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     server = None
+    loads = []  # calls of the base-model loader on this rank, over all the runs below
+    real_loader = sft.load_base_model
+    sft.load_base_model = lambda *args, **kwargs: loads.append(args[0]) or real_loader(*args, **kwargs)
     try:
         distributed_pgrpo.train(config(Path(root) / "full"), quiet=True)
 
@@ -214,6 +221,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         dist.all_gather_object(urls, server.url)
         distributed_pgrpo.train(config(Path(root) / "server"), rollout="server", server_urls=urls, quiet=True)
         assert server.weight_loads == STEPS + 1, server.weight_loads  # before step 1, then after every step
+        (Path(root) / f"loads-{rank}.json").write_text(json.dumps(loads))
     finally:
         if server is not None:
             server.close()
@@ -293,6 +301,15 @@ def test_two_ranks_match_the_single_process_run(single, two_ranks):
     before = AutoModelForCausalLM.from_pretrained(str(TOY)).state_dict()
     after = final_weights(two_ranks / "full")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_only_rank_0_loads_the_base_model(two_ranks):
+    """Every run (policy, and the KL run's sharded reference too) loads the base model once, on rank 0; rank 1
+    builds on the meta device and receives the weights (twlib.distributed.shard_from_rank0)."""
+    runs = 7  # full, cut, its resumption, ppo, skip, kl, server
+    assert json.loads((two_ranks / "loads-0.json").read_text()) == [str(TOY)] * runs
+    assert json.loads((two_ranks / "loads-1.json").read_text()) == []
 
 
 @pytest.mark.slow

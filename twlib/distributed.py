@@ -5,7 +5,7 @@
     python -m twlib.distributed --config CONFIG          (no torchrun: one process, world size 1)
 
 Options besides the config (a `twlib.sft.SFTConfig` YAML, `--set key=value` overrides as in `twlib sft`):
-`--gradient-checkpointing`, `--logits twlib|chunked`, `--logits-chunk N`, `--offload`,
+`--gradient-checkpointing`, `--logits chunked|kept`, `--logits-chunk N`, `--offload`,
 `--max-position-embeddings N`. Their defaults come from the config's `# launcher:` block (the comments
 `twlib.plan` reads), so the planner and the trainer read the same settings from the same file.
 
@@ -45,9 +45,17 @@ Design choices
   layer checkpointing, composed with the per-layer FSDP units (FSDP2 skips its hooks during recompute).
   On when `--gradient-checkpointing`, the config's `gradient_checkpointing` field or the launcher block
   says so.
-- LM head: `--logits chunked` recomputes each chunk's [chunk x vocab] logits in the backward
-  (`checkpointed_logprobs`, same numbers as `twlib.trie.logprobs`, tested); the default `twlib` keeps every
-  chunk's fp32 logits for the backward (24.9 GB at 40,960 tokens x 151,936 vocab).
+- LM head: `--logits chunked` (default) recomputes each chunk's [chunk x vocab] logits in the backward
+  (`twlib.trie.logprobs` through `twlib.lm_head`: one chunk's buffer at a time); `--logits kept` keeps every
+  chunk's fp32 logits for the backward (24.9 GB at 40,960 tokens x 151,936 vocab; same numbers).
+- Loading: only rank 0 materialises the base model's weights (on the CPU, as `twlib.sft` loads them).
+  Every rank builds the architecture on the meta device, shards it, allocates its own shards only
+  (`to_empty`), and receives the weights from rank 0 one tensor at a time (`set_model_state_dict` with
+  `full_state_dict=True, broadcast_from_rank0=True`; the non-persistent RoPE buffers by `broadcast`). Host
+  memory: one full copy per node (rank 0's, freed once sharded) instead of one per rank (32 GB each at 8B
+  in fp32); the other ranks peak at their shards plus the largest tensor (the 8B embedding, 2.5 GB in
+  fp32). A load error on rank 0 is raised on every rank. `DistResult.load` reports what each rank held
+  (tests/test_distributed.py checks that rank 1 never held a full copy and never called the loader).
 - Checkpoints: `torch.distributed.checkpoint` (DCP), each rank writes its shards of the model and AdamW
   states in parallel (`checkpoint/dcp/`), plus the scheduler, per-rank RNG states, trainer state and config;
   written to `.checkpoint.tmp/` and swapped in by renames (`twlib.sft._swap_into_place`), so a crash at any
@@ -65,9 +73,6 @@ Design choices
   40,960-token row never needs more than its longest path.
 
 Deviations and limits
-- Every rank loads the whole base model on the CPU before sharding (fp32: 32 GB of host memory per rank for
-  Qwen3-8B, 256 GB per 8-GPU node). A rank-0 load + `set_model_state_dict(broadcast_from_rank0=True)` onto
-  a meta-initialised model would need one copy; not done, for simplicity.
 - `--offload` uses FSDP2's `CPUOffloadPolicy`, which offloads parameters and gradients too (DeepSpeed's
   `offload_optimizer` keeps the bf16 parameters on the GPU); the optimizer step then runs on the CPU.
   Not exercised on a GPU in this project's tests.
@@ -101,12 +106,12 @@ import torch.distributed as dist
 
 from twlib import sft
 from twlib.sft import ConfigError, DataError, batch_loss, load_config, lr_factor
-from twlib.trie import IGNORE, PackedTrie, logprobs
+from twlib.trie import IGNORE, PackedTrie
 
-__all__ = ["Launch", "Ranks", "TrieLoss", "checkpointed_logprobs", "rank_rows", "micro_batch_plan",
-           "launch_options", "train", "DistResult", "main"]
+__all__ = ["Launch", "Ranks", "TrieLoss", "LoadReport", "load_base_on_rank0", "shard_from_rank0", "rank_rows",
+           "micro_batch_plan", "launch_options", "train", "DistResult", "main"]
 
-LOGITS = ("twlib", "chunked")
+LOGITS = ("chunked", "kept")
 DCP_DIR = "dcp"
 
 
@@ -119,13 +124,13 @@ class Launch:
     """Settings of the distributed run that are not SFTConfig fields.
 
     gradient_checkpointing   HF per-layer activation checkpointing (non-reentrant)
-    logits, logits_chunk     "twlib" (twlib.trie.logprobs) | "chunked" (each chunk recomputed in backward)
+    logits, logits_chunk     "chunked" (each LM-head chunk recomputed in the backward) | "kept" (logits kept)
     offload                  FSDP2 CPUOffloadPolicy (parameters, gradients and optimizer step on the CPU)
     max_position_embeddings  override the model config's field (131072: the reference's Qwen3-8B runs)
     """
 
     gradient_checkpointing: bool = False
-    logits: str = "twlib"
+    logits: str = "chunked"
     logits_chunk: int = 4096
     offload: bool = False
     max_position_embeddings: int | None = None
@@ -142,14 +147,14 @@ class Launch:
 
 def launch_options(config_path=None, **overrides) -> Launch:
     """Launch settings from the config's `# launcher:` block (twlib.plan.read_launcher), then `overrides`
-    (None values are ignored). The planner's logits mode "full" counts as "twlib" here."""
+    (None values are ignored). The planner's logits mode "full" counts as "kept" here."""
     launch = Launch()
     if config_path is not None:
         from twlib.plan import read_launcher
 
         block = read_launcher(config_path)
         launch.gradient_checkpointing = block.gradient_checkpointing
-        launch.logits = "chunked" if block.logits == "chunked" else "twlib"
+        launch.logits = "chunked" if block.logits == "chunked" else "kept"
         launch.logits_chunk = block.logits_chunk
         launch.offload = block.offload_optimizer
     for key, value in overrides.items():
@@ -225,22 +230,7 @@ def init_ranks(config) -> Ranks:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The loss module (the FSDP root) and the chunk-recomputing LM head
-
-
-def checkpointed_logprobs(model, packed: PackedTrie, mask, chunk_size: int = 4096) -> torch.Tensor:
-    """`twlib.trie.logprobs` with every LM-head chunk recomputed in the backward (`recompute=True`)."""
-    return logprobs(model, packed, mask=mask, chunk_size=chunk_size, recompute=True)
-
-
-def chunked_batch_loss(model, batch: PackedTrie, mask_kind: str, normalizer: float, chunk_size: int = 4096):
-    """`twlib.sft.batch_loss` with `checkpointed_logprobs` in place of `twlib.trie.logprobs`."""
-    dtype = next(model.parameters()).dtype
-    batch = batch.to(next(model.parameters()).device)
-    mask = batch.attention_mask(mask_kind, dtype=dtype if dtype.is_floating_point else torch.float32)
-    lp = checkpointed_logprobs(model, batch, mask, chunk_size)
-    trained = batch.labels != IGNORE
-    return -(lp * trained).sum() / normalizer, int(trained.sum())
+# The loss module (the FSDP root)
 
 
 class TrieLoss(torch.nn.Module):
@@ -249,15 +239,14 @@ class TrieLoss(torch.nn.Module):
     Made the FSDP root so that its forward hooks gather the root unit (embeddings, final norm, LM head):
     the loss calls the decoder body and the head directly, never the HF model's forward."""
 
-    def __init__(self, model, mask_kind: str, logits: str = "twlib", logits_chunk: int = 4096):
+    def __init__(self, model, mask_kind: str, logits: str = "chunked", logits_chunk: int = 4096):
         super().__init__()
         self.model = model
         self.mask_kind, self.logits, self.logits_chunk = mask_kind, logits, logits_chunk
 
     def forward(self, batch: PackedTrie, normalizer: float):
-        if self.logits == "chunked":
-            return chunked_batch_loss(self.model, batch, self.mask_kind, normalizer, self.logits_chunk)
-        return batch_loss(self.model, batch, self.mask_kind, normalizer=normalizer)
+        return batch_loss(self.model, batch, self.mask_kind, normalizer=normalizer, chunk_size=self.logits_chunk,
+                          recompute=self.logits == "chunked")
 
 
 def precision(config, device: torch.device):
@@ -292,6 +281,109 @@ def shard(model, ranks: Ranks, mask_kind: str, launch: Launch, mp_policy, root=N
             if hasattr(unit, "set_force_sum_reduction_for_comms"):
                 unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     return module
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: the full weights on rank 0 only
+
+
+@dataclass
+class LoadReport:
+    """What one rank held while a model was loaded and sharded (see the module docstring, "Loading").
+
+    full_copy_bytes    bytes of the base model's parameters this rank materialised (rank 0's full copy)
+    meta_until_shard   every parameter of the model this rank sharded was on the meta device until sharded
+    shard_bytes        bytes of this rank's parameter shards once the weights arrived
+    """
+
+    full_copy_bytes: int
+    meta_until_shard: bool
+    shard_bytes: int
+
+
+def _param_bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params if not p.is_meta)
+
+
+def load_base_on_rank0(config, tokenizer, rt, storage_dtype: torch.dtype, ranks: Ranks, source=None):
+    """(full model or None, model config). Rank 0 loads the base model with its weights on the CPU in the
+    storage dtype (`twlib.sft.load_base_model`: a seeded preset, a folder or a cached hub id); the other
+    ranks load nothing and receive its config. An error on rank 0 is raised on every rank."""
+    full, error = None, None
+    if ranks.main:
+        cpu = sft.Runtime(torch.device("cpu"), storage_dtype, rt.attn, rt.mask_kind, False)
+        try:
+            full = sft.load_base_model(config.model, tokenizer, config.seed, cpu)
+        except Exception as e:  # noqa: BLE001 - sent to the other ranks, then re-raised here
+            error = (isinstance(e, ConfigError), f"{source or 'config'}: {e}")
+            if not error[0]:
+                dist.broadcast_object_list([(None, error)], src=0)
+                raise
+    box = [(copy.deepcopy(full.config) if full is not None else None, error)]
+    dist.broadcast_object_list(box, src=0)
+    model_config, error = box[0]
+    if error is not None:
+        if error[0]:
+            raise ConfigError(error[1])
+        raise RuntimeError(f"rank 0 could not load the base model: {error[1]}")
+    return full, model_config
+
+
+def meta_model_like(model_config, attn: str, storage_dtype: torch.dtype):
+    """The architecture of `model_config` on the meta device, built as `twlib.sft.load_base_model` builds
+    it (fp32, then cast: buffers get the same dtypes). No storage."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(model_config), attn_implementation=attn,
+                                                 dtype=torch.float32)
+    return model.to(storage_dtype)
+
+
+def _broadcast_weights(module, full, ranks: Ranks) -> None:
+    """Rank 0's `full` weights into every rank's shards of `module` (a root wrapping it as `.model`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = {f"model.{k}": v for k, v in full.state_dict().items()} if full is not None else {}
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    sources = dict(full.named_buffers()) if full is not None else {}
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():  # RoPE's inv_freq is in no state dict
+            if ranks.main:
+                source = sources[name.removeprefix("model.")]
+                if source.dtype != buffer.dtype or source.shape != buffer.shape:
+                    raise RuntimeError(f"buffer {name}: {source.dtype} {tuple(source.shape)} on rank 0, "
+                                       f"{buffer.dtype} {tuple(buffer.shape)} in the sharded model")
+                buffer.copy_(source)
+            dist.broadcast(buffer, src=0)
+
+
+def shard_from_rank0(full, model_config, ranks: Ranks, rt, storage_dtype: torch.dtype, launch: Launch, mp_policy,
+                     root=None, trainable: bool = True):
+    """(sharded root module, LoadReport): every rank builds `model_config` on the meta device, shards it
+    (`shard`), allocates its own shards only and receives rank 0's weights from `full` (None elsewhere).
+    `trainable=False`: a frozen copy in eval mode (the KL reference of twlib.distributed_pgrpo)."""
+    model = meta_model_like(model_config, rt.attn, storage_dtype)
+    if trainable:
+        model.train()
+    else:
+        model.eval().requires_grad_(False)
+    meta_until_shard = all(p.is_meta for p in model.parameters())
+    count = len(list(model.parameters()))
+    module = shard(model, ranks, rt.mask_kind, launch, mp_policy, root=root)
+    module.to_empty(device=torch.device("cpu") if launch.offload else ranks.device)
+    if len(list(module.parameters())) != count:
+        raise RuntimeError(f"{count} parameters before allocating the shards, {len(list(module.parameters()))} "
+                           f"after: tied weights came apart")
+    if launch.offload:  # parameters stay on the host (CPUOffloadPolicy); buffers are used on the GPU
+        for sub in module.modules():
+            for name, buffer in list(sub._buffers.items()):
+                if buffer is not None:
+                    sub._buffers[name] = buffer.to(ranks.device)
+    _broadcast_weights(module, full, ranks)
+    shard_bytes = _param_bytes(p.to_local() if hasattr(p, "to_local") else p for p in module.parameters())
+    full_bytes = _param_bytes(full.parameters()) if full is not None else 0
+    return module, LoadReport(full_bytes, meta_until_shard, shard_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -422,6 +514,7 @@ class DistResult:
     final_dir: str
     rows: int
     world_size: int
+    load: dict = field(default_factory=dict)  # this rank's LoadReport
     losses: list = field(default_factory=list, repr=False)  # per step of this run
 
     def to_dict(self) -> dict:
@@ -433,22 +526,6 @@ def _check_config(config, log) -> None:
         log("warning: eval_hook is ignored by twlib.distributed (it needs the full model on one rank)")
     if config.autocast:
         log("note: autocast is not used; on CUDA the FSDP mixed-precision policy computes in bfloat16")
-
-
-def _load_model(config, rt, storage_dtype, launch: Launch, source):
-    tokenizer = sft.load_tokenizer(config.model)
-    if config.mode != "sequential":  # as twlib.sft: every tag one token, else an error naming prepare-model
-        sft.require_single_token_tags(tokenizer, config.model)
-    cpu = sft.Runtime(torch.device("cpu"), storage_dtype, rt.attn, rt.mask_kind, False)
-    try:
-        model = sft.load_base_model(config.model, tokenizer, config.seed, cpu)
-    except ConfigError as e:
-        raise ConfigError(f"{source or 'config'}: {e}") from None
-    if launch.max_position_embeddings is not None:
-        model.config.max_position_embeddings = launch.max_position_embeddings
-    if config.gradient_checkpointing:
-        launch.gradient_checkpointing = True
-    return model, tokenizer
 
 
 def _build_data(config, tokenizer, model, source, ranks: Ranks, log):
@@ -533,11 +610,18 @@ def _train(config, launch: Launch, ranks: Ranks, on_step, quiet: bool, source) -
         if config.resume:
             log(f"resume: no checkpoint in {out_dir}, starting from scratch")
 
-    model, tokenizer = _load_model(config, rt, storage_dtype, launch, source)
-    model.train()
+    tokenizer = sft.load_tokenizer(config.model)
+    if config.mode != "sequential":  # as twlib.sft: every tag one token, else an error naming prepare-model
+        sft.require_single_token_tags(tokenizer, config.model)
+    if config.gradient_checkpointing:
+        launch.gradient_checkpointing = True
+    full, model_config = load_base_on_rank0(config, tokenizer, rt, storage_dtype, ranks, source)
+    if launch.max_position_embeddings is not None:
+        model_config.max_position_embeddings = launch.max_position_embeddings
+    module, load = shard_from_rank0(full, model_config, ranks, rt, storage_dtype, launch, mp_policy)
+    del full  # rank 0's full copy: every rank now holds its shards
+    model = module.model
     problems, tries, rows, fingerprint = _build_data(config, tokenizer, model, source, ranks, log)
-    model_config = copy.deepcopy(model.config)
-    module = shard(model, ranks, rt.mask_kind, launch, mp_policy)
 
     n_rows = rows.shape[0]
     rows_per_step = config.rows_per_micro_batch * config.grad_accum
@@ -627,7 +711,7 @@ def _train(config, launch: Launch, ranks: Ranks, on_step, quiet: bool, source) -
         mean_loss_last=sum(recent) / len(recent) if recent else float("nan"),
         wall_s=time.perf_counter() - wall_start, train_s=train_s, tokens=tokens_seen, trained_tokens=trained_seen,
         tokens_per_s=tokens_seen / train_s if train_s else 0.0, out_dir=str(out_dir), final_dir=str(final_dir),
-        rows=n_rows, world_size=ranks.world, losses=losses)
+        rows=n_rows, world_size=ranks.world, load=vars(load), losses=losses)
     if ranks.main:
         (out_dir / "result.json").write_text(json.dumps(
             {**result.to_dict(), "steps_this_run": len(losses), "launch": vars(launch)}, indent=1))
@@ -651,7 +735,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="per-layer activation checkpointing (default: the '# launcher:' block)")
     parser.add_argument("--logits", choices=LOGITS, default=None,
-                        help="LM head: twlib keeps every chunk's logits, chunked recomputes them (default: launcher)")
+                        help="LM head: chunked recomputes each chunk's logits in the backward, kept keeps them "
+                             "(default: the launcher block, else chunked)")
     parser.add_argument("--logits-chunk", type=int, default=None, help="tokens per LM-head chunk (default 4096)")
     parser.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                         help="FSDP2 CPUOffloadPolicy (default: the launcher's offload_optimizer)")

@@ -21,9 +21,10 @@ CPU/gloo against `twlib.pgrpo.train`: same per-step rewards, losses, grad norms 
 the rollouts going through HTTP servers that receive the weights by the `server` sync below.
 
 Rollout engines (`--rollout`), one per rank, and how the weights reach them
-- `hf` (default; CPU, tests, small GPUs): an unsharded copy of the policy (the storage dtype on CPU,
-  bf16 on CUDA) decoded by `HFEngine`; sync = `copy_` of each gathered parameter. A fresh HFEngine per step,
-  so no KV computed with old weights survives.
+- `hf` (default; CPU, tests, small GPUs): an unsharded copy of the policy on every rank (the storage dtype
+  on CPU, bf16 on CUDA) decoded by `HFEngine`, built on the meta device after sharding and filled by the
+  first sync; sync = `copy_` of each gathered parameter. A fresh HFEngine per step, so no KV computed with
+  old weights survives.
 - `vllm` (the paper's "FSDP + vLLM", GPUs): `vllm.LLM` colocated on the rank's GPU (`VLLMEngine`, prefix
   caching on, `enable_sleep_mode`); sync = the model runner's `load_weights` on buckets of gathered tensors
   through `collective_rpc`, then `reset_prefix_cache()`. While the trainer runs the engine sleeps at level
@@ -55,7 +56,10 @@ Deviations and limits
   over 2 ranks). It costs one more set of parameter shards per GPU and one more forward per micro-batch.
 - `packing: group` puts all k rollouts of a prompt in one trie row; at the paper's 40,960-token budget use
   `trajectory` (configs/qwen3-8b-pgrpo.yaml does).
-- Every rank holds the whole base model on the CPU before sharding, as in `twlib.distributed`.
+- Loading as in `twlib.distributed`: only rank 0 materialises the base model; every rank builds the
+  policy (and the KL reference) on the meta device, shards it and receives rank 0's weights
+  (`twlib.distributed.shard_from_rank0`). `--rollout hf` then gives every rank an unsharded copy on its
+  device (the engine's weights), which is what an in-process engine needs.
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ class PolicyLogprobs(torch.nn.Module):
     """forward(rows) -> log p of every node (`twlib.trie.logprobs`). The FSDP root, as `TrieLoss` is for
     SFT: its hooks gather the embedding, final norm and LM head, which `logprobs` calls directly."""
 
-    def __init__(self, model, mask_kind: str, logits: str = "twlib", logits_chunk: int = 4096):
+    def __init__(self, model, mask_kind: str, logits: str = "chunked", logits_chunk: int = 4096):
         super().__init__()
         self.model = model
         self.mask_kind, self.logits, self.logits_chunk = mask_kind, logits, logits_chunk
@@ -136,16 +140,25 @@ class _AlwaysAwake:
 
 
 class HFRollouts(_AlwaysAwake):
-    """An unsharded copy of the policy decoded in process by `HFEngine`."""
+    """An unsharded copy of the sharded policy `module`, decoded in process by `HFEngine`.
+
+    Built on the meta device from `model_config`, allocated on `device` in `dtype`; its buffers are copied
+    from the module's and its parameters come with the first `load_weights` (done here: a collective)."""
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, device: torch.device, dtype: torch.dtype):
-        self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+    def __init__(self, module, model_config, tokenizer, ranks: Ranks, device: torch.device, dtype: torch.dtype,
+                 attn: str):
+        self.model = distributed.meta_model_like(model_config, attn, dtype).eval().requires_grad_(False)
+        self.model.to_empty(device=device)
+        self.model.tie_weights()  # to_empty gives each module its own new parameter: tie them again
+        buffers = {name.removeprefix("model."): b for name, b in module.named_buffers()}
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(buffers[name])
         self.tokenizer = tokenizer
         self._params = dict(self.model.named_parameters())
+        self.load_weights(full_parameters(module), ranks)
 
     def engine(self):
         from twlib.decoding import HFEngine
@@ -380,11 +393,11 @@ def _check(config: PGRPOConfig, source: str | None) -> None:
         raise ConfigError("reward_fn must be callable")
 
 
-def _make_rollouts(kind: str, model, tokenizer, config: PGRPOConfig, ranks: Ranks, storage_dtype,
-                   server_urls: Sequence[str], server_kind: str, vllm_kwargs: dict | None):
+def _make_rollouts(kind: str, module, model_config, tokenizer, config: PGRPOConfig, ranks: Ranks, rt,
+                   storage_dtype, server_urls: Sequence[str], server_kind: str, vllm_kwargs: dict | None):
     if kind == "hf":
         dtype = torch.bfloat16 if ranks.device.type == "cuda" else storage_dtype
-        return HFRollouts(model, tokenizer, ranks.device, dtype)
+        return HFRollouts(module, model_config, tokenizer, ranks, ranks.device, dtype, rt.attn)
     if kind == "server":
         return ServerRollouts(server_urls, tokenizer, Path(config.out_dir) / SYNC_DIR, ranks, server_kind)
     if kind == "vllm":
@@ -434,28 +447,18 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
     torch.manual_seed(config.seed)
 
     tokenizer = sft.load_tokenizer(config.model)
-    cpu = sft.Runtime(torch.device("cpu"), storage_dtype, rt.attn, rt.mask_kind, False)
-    try:
-        model = sft.load_base_model(config.model, tokenizer, config.seed, cpu)
-    except ConfigError as e:
-        raise ConfigError(f"{source or 'config'}: {e}") from None
-    model_config = copy.deepcopy(model.config)
-
-    def make_engines():
-        return _make_rollouts(rollout, model, tokenizer, config, ranks, storage_dtype, server_urls, server_kind,
-                              vllm_kwargs)
-
-    # hf copies the unsharded model; vLLM measures free GPU memory at start-up, so it comes after sharding
-    engines = make_engines() if rollout == "hf" else None
+    full, model_config = distributed.load_base_on_rank0(config, tokenizer, rt, storage_dtype, ranks, source)
     ref_module = None
     if config.kl_coef > 0:  # the frozen starting model (as twlib.pgrpo's reference), sharded like the policy
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-        ref_module = distributed.shard(reference, ranks, rt.mask_kind,
-                                       replace(launch, gradient_checkpointing=False), mp_policy,
-                                       root=PolicyLogprobs)
-    model.train()
-    module = distributed.shard(model, ranks, rt.mask_kind, launch, mp_policy, root=PolicyLogprobs)
-    engines = engines or make_engines()
+        ref_module, _ = distributed.shard_from_rank0(full, model_config, ranks, rt, storage_dtype,
+                                                     replace(launch, gradient_checkpointing=False), mp_policy,
+                                                     root=PolicyLogprobs, trainable=False)
+    module, _ = distributed.shard_from_rank0(full, model_config, ranks, rt, storage_dtype, launch, mp_policy,
+                                             root=PolicyLogprobs)
+    del full  # rank 0's full copy: every rank now holds its shards
+    # hf: an unsharded copy filled from the shards; vLLM measures free GPU memory at start-up: after sharding
+    engines = _make_rollouts(rollout, module, model_config, tokenizer, config, ranks, rt, storage_dtype,
+                             server_urls, server_kind, vllm_kwargs)
 
     def sync() -> None:
         engines.wake_weights()

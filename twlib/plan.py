@@ -32,11 +32,12 @@ Design choices (and where this deviates from the paper / the reference, and why)
   casts of the weights are kept for the backward too (all layers without checkpointing). FlexAttention
   never materialises T x T scores, so attention costs O(T) here.
 - The LM head (vocab 151,936: at T = 40,960 the fp32 logits alone are 24.9 GB) has three modes:
-  `full` (logits of all tokens at once, as `model(...).logits` + a loss does), `twlib` (what
-  `twlib.trie.logprobs` does today: the forward runs in chunks, but autograd keeps every chunk's fp32
-  logits for the backward, checked with saved-tensor hooks, so the saving is only in the transients),
-  `chunked` (each chunk recomputed in the backward, e.g. torch.utils.checkpoint per chunk or a fused
-  linear-cross-entropy kernel).
+  `full` (logits of all tokens at once, as `model(...).logits` + a loss does), `kept` (the forward runs
+  in chunks but autograd keeps every chunk's fp32 logits for the backward: `twlib.trie.logprobs(...,
+  recompute=False)`, `--logits kept`; `twlib` is its former name, accepted), `chunked` (each chunk's
+  logits recomputed in the backward: `twlib.trie.logprobs` by default, through `twlib.lm_head`). Each
+  counts one chunk's transients and the head's weight gradient of a chunk before it is accumulated;
+  tests/test_lm_head.py measures the peak of a long row on CPU (fp32 and bf16, both modes) against them.
 - Masks: the FlexAttention BlockMask (int32 block indices, (T/128)^2 per tensor: ~1.6 MB at 40,960) is
   shown next to the dense masks for comparison (bool T^2 = 1.7 GB, float32 T^2 = 6.7 GB: the reference
   builds the latter per sample).
@@ -85,7 +86,8 @@ GIB = 2**30
 BLOCK = 128  # FlexAttention's default block size (tokens) of a BlockMask
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHARDINGS = ("none", "fsdp", "zero3")
-LOGITS_MODES = ("full", "twlib", "chunked")
+LOGITS_MODES = ("full", "kept", "chunked")
+LOGITS_ALIASES = {"twlib": "kept"}  # the name `kept` had while twlib.trie.logprobs kept the logits
 ATTNS = ("flex_attention", "sdpa", "eager")
 
 
@@ -273,19 +275,37 @@ def backward_extra_bytes(s: ModelShape, tokens: int, p: Precision) -> float:
     return tokens * (3 * s.intermediate + 2 * s.hidden) * p.compute
 
 
-def logits_bytes(s: ModelShape, tokens: int, mode: str, chunk: int) -> float:
-    """LM head working set over `tokens` positions (V = vocab), see the module docstring."""
+def logits_mode(mode: str) -> str:
+    """A LOGITS_MODES name (`twlib` -> `kept`); ValueError for anything else."""
+    mode = LOGITS_ALIASES.get(mode, mode)
+    if mode not in LOGITS_MODES:
+        raise ValueError(f"logits mode {mode!r}; expected one of {', '.join(LOGITS_MODES)}")
+    return mode
+
+
+def logits_bytes(s: ModelShape, tokens: int, mode: str, chunk: int, compute: int = 2,
+                 head_grad: bool = True) -> float:
+    """LM head working set over `tokens` positions (V = vocab), see the module docstring.
+
+    `compute`: bytes of the head's matmul output (2: bf16; 4: fp32, then there is no separate fp32 copy).
+    `head_grad`: the head is trained (not LoRA), so each chunk makes a V x h weight gradient before
+    autograd accumulates it."""
+    mode = logits_mode(mode)
     c = min(chunk, tokens)
+    raw = compute if compute < 4 else 0  # the head's output before its fp32 cast (none in fp32)
+    weight_grad = s.vocab * s.hidden * compute if head_grad and mode != "full" else 0
     if mode == "full":
-        # bf16 logits 2 + fp32 copy kept for log-softmax 4 + fp32 gradient 4 bytes, for all T x V
-        return tokens * s.vocab * (2 + 4 + 4)
-    if mode == "twlib":
-        # every chunk's fp32 logits kept by autograd (T x V x 4) + one chunk's bf16 logits and fp32 grad
-        return tokens * s.vocab * 4 + c * s.vocab * (2 + 4)
-    if mode == "chunked":
-        # one chunk at a time, recomputed in the backward: C x V x (2 + 4 + 4)
-        return c * s.vocab * (2 + 4 + 4)
-    raise ValueError(f"logits mode {mode!r}; expected one of {', '.join(LOGITS_MODES)}")
+        # all T x V at once: the head's output + the fp32 copy kept for log-softmax + the fp32 gradient
+        return tokens * s.vocab * (raw + 4 + 4)
+    if mode == "kept":
+        # every chunk's fp32 logits kept by autograd (T x V x 4) + one chunk's backward through autograd's
+        # log-softmax: exp(z - lse), its product with the gradient and the gather's gradient (3 x 4 B), and
+        # the gradient's cast to the head's dtype
+        return tokens * s.vocab * 4 + c * s.vocab * (3 * 4 + raw) + weight_grad
+    # chunked (twlib.lm_head): one chunk at a time, in the forward and again in the backward: its fp32
+    # buffer (exponentials and gradient formed in place) + the head's output before the cast (forward,
+    # recompute) or the gradient cast back to the head's dtype (backward)
+    return c * s.vocab * (4 + raw) + weight_grad
 
 
 def block_mask_bytes(tokens: int, block: int = BLOCK) -> int:
@@ -318,7 +338,7 @@ class PlanConfig:
     sharding: str = "zero3"  # spec 6: DeepSpeed ZeRO-3
     offload_optimizer: bool = True  # spec 6: CPU offload
     checkpointing: bool = True  # spec 6: gradient checkpointing
-    logits: str = "chunked"  # full | twlib | chunked (module docstring)
+    logits: str = "chunked"  # full | kept | chunked (module docstring; twlib = kept)
     logits_chunk: int = 4096  # tokens per LM-head chunk (twlib.trie.logprobs uses 4096)
     attn: str = "flex_attention"  # flex_attention (BlockMask) | sdpa (dense bool mask) | eager (dense float)
     lora: bool = False
@@ -340,7 +360,7 @@ class PlanConfig:
             bad("precision", f"expected one of {', '.join(PRECISIONS)}")
         if self.sharding not in SHARDINGS:
             bad("sharding", f"expected one of {', '.join(SHARDINGS)}")
-        if self.logits not in LOGITS_MODES:
+        if LOGITS_ALIASES.get(self.logits, self.logits) not in LOGITS_MODES:
             bad("logits", f"expected one of {', '.join(LOGITS_MODES)}")
         if self.attn not in ATTNS:
             bad("attn", f"expected one of {', '.join(ATTNS)}")
@@ -409,10 +429,10 @@ HARDWARE: dict[str, tuple[PlanConfig, str]] = {
     # 8 x H100 80 GB, Qwen3-8B full fine-tune, the reference's ZeRO-3 + CPU offload + checkpointing.
     "paper": (PlanConfig(), "paper"),
     # One 24 GB GPU, Qwen3-0.6B full fine-tune with twlib.sft as it is today (no gradient checkpointing,
-    # logits as twlib.trie.logprobs keeps them), rows of 2,048 tokens (~5 multiply trajectories).
+    # LM-head chunks recomputed by twlib.trie.logprobs), rows of 2,048 tokens (~5 multiply trajectories).
     "small-gpu": (PlanConfig(model="Qwen3-0.6B", gpu="a10-24gb", gpus=1, gpus_per_node=1, tokens=2048,
                              precision="fp32-autocast", sharding="none", offload_optimizer=False,
-                             checkpointing=False, logits="twlib", context=8192 + 60), "multiply"),
+                             checkpointing=False, logits="chunked", context=8192 + 60), "multiply"),
 }
 
 
@@ -594,9 +614,11 @@ def activation_terms(c: PlanConfig, s: ModelShape, p: Precision, tokens: int) ->
         terms.append(Term("autocast bf16 weight copies", autocast_weight_bytes(s, kept),
                           note=f"{kept} layer(s) + LM head"))
     # the final hidden states (input of the LM head, T x h) + the logits working set
-    head = rows * (tokens * s.hidden * p.compute + logits_bytes(s, tokens, c.logits, c.logits_chunk))
-    terms.append(Term(f"LM head / logits ({c.logits})", head,
-                      note=f"chunk {c.logits_chunk}" if c.logits != "full" else "all T x V at once"))
+    mode = logits_mode(c.logits)
+    head = rows * (tokens * s.hidden * p.compute
+                   + logits_bytes(s, tokens, mode, c.logits_chunk, p.compute, head_grad=not c.lora))
+    terms.append(Term(f"LM head / logits ({mode})", head,
+                      note=f"chunk {c.logits_chunk}" if mode != "full" else "all T x V at once"))
     terms.append(Term("attention mask", rows * _mask_bytes(c.attn, tokens, p), note=c.attn))
     return terms
 
@@ -810,7 +832,7 @@ class LauncherConfig:
     sharding: str = "none"  # none | fsdp | zero3
     offload_optimizer: bool = False
     gradient_checkpointing: bool = False  # twlib.sft has none yet: the launcher must enable it
-    logits: str = "twlib"  # full | twlib (today's twlib.trie.logprobs) | chunked
+    logits: str = "chunked"  # full | kept | chunked (twlib.trie.logprobs recomputes chunks; twlib = kept)
     logits_chunk: int = 4096
     precision: str | None = None  # None: from SFTConfig dtype / autocast
     overhead_gib: float = 1.0
@@ -852,6 +874,7 @@ def read_launcher(path) -> LauncherConfig:
         if key not in hints:
             raise ConfigError(f"{path}: launcher field {key!r} is unknown; valid: {', '.join(hints)}")
         setattr(launcher, key, _coerce(key, hints[key], value, f"{path} (launcher)"))
+    launcher.logits = LOGITS_ALIASES.get(launcher.logits, launcher.logits)
     checks = {"gpu": GPUS, "sharding": SHARDINGS, "logits": LOGITS_MODES}
     for key, options in checks.items():
         if getattr(launcher, key) not in options:
@@ -1003,12 +1026,13 @@ def _notes(cfg, launcher: LauncherConfig, plan: Plan) -> list[str]:
     if launcher.gradient_checkpointing and not getattr(cfg, "gradient_checkpointing", False):
         notes.append("the plan assumes activation checkpointing: set `gradient_checkpointing: true` in the "
                      "config (or `--gradient-checkpointing` for twlib.distributed)")
-    if launcher.logits == "chunked":
-        today = make_plan(dataclasses.replace(plan.config, logits="twlib"), schedule=plan.schedule, shape=plan.shape)
-        notes.append(f"logits 'chunked' needs each LM-head chunk recomputed in the backward; "
-                     f"twlib.trie.logprobs keeps every chunk's fp32 logits (mode 'twlib'): "
-                     f"{today.memory('SFT').term('LM head') / GIB:.1f} GiB instead of "
-                     f"{plan.memory('SFT').term('LM head') / GIB:.1f}, {today.memory('SFT').gpu_gib:.1f} GiB "
+    if launcher.logits != "chunked":
+        chunked = make_plan(dataclasses.replace(plan.config, logits="chunked"), schedule=plan.schedule,
+                            shape=plan.shape)
+        notes.append(f"logits {launcher.logits!r} plans for the LM head's logits kept for the backward "
+                     f"(twlib.distributed --logits kept); twlib.trie.logprobs recomputes each chunk by default "
+                     f"(--logits chunked): {chunked.memory('SFT').term('LM head') / GIB:.1f} GiB instead of "
+                     f"{plan.memory('SFT').term('LM head') / GIB:.1f}, {chunked.memory('SFT').gpu_gib:.1f} GiB "
                      f"per GPU in all")
     if launcher.gpus > 1 or launcher.sharding != "none":
         notes.append(f"multi-GPU: torchrun --nproc_per_node {launcher.gpus} -m twlib.distributed --config CONFIG "

@@ -576,14 +576,16 @@ def _fingerprint(rows: PackedTrie) -> str:
 # Loss
 
 
-def batch_loss(model, batch: PackedTrie, mask_kind: str = "bool", normalizer: float | None = None):
+def batch_loss(model, batch: PackedTrie, mask_kind: str = "bool", normalizer: float | None = None,
+               chunk_size: int = 4096, recompute: bool = True):
     """(loss, trained) for one micro-batch: sum over trained nodes of -log p / `normalizer` (default: the
-    micro-batch's own trained count), with log p from `twlib.trie.logprobs`."""
+    micro-batch's own trained count), with log p from `twlib.trie.logprobs` (LM head in chunks of
+    `chunk_size` nodes, each recomputed in the backward unless `recompute=False`)."""
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     batch = batch.to(device)
     mask = batch.attention_mask(mask_kind, dtype=dtype if dtype.is_floating_point else torch.float32)
-    lp = logprobs(model, batch, mask=mask)
+    lp = logprobs(model, batch, mask=mask, chunk_size=chunk_size, recompute=recompute)
     trained = batch.labels != IGNORE
     count = int(trained.sum())
     total = -(lp * trained).sum()

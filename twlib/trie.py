@@ -18,8 +18,9 @@ Design choices
   call's context) is trained, so the copy of thread 2 inside the continuation path (where it follows
   thread 1) is trained too: the "autoregressive mode" the paper calls deliberate, in which later threads
   learn to see their siblings.
-- Log-probs gather hidden states at the parents and apply the LM head in chunks of nodes, so the
-  [tokens x vocab] logits of a 40k-token row with Qwen3's 152k vocabulary are never held at once.
+- Log-probs gather hidden states at the parents and apply the LM head in chunks of nodes, each chunk
+  recomputed in the backward (`twlib.lm_head`), so the [tokens x vocab] logits of a 40k-token row with
+  Qwen3's 152k vocabulary are never held at once, neither in the forward nor kept for the backward.
 - One row format for CPU and GPU: the same `PackedTrie` gives a bool or float dense mask (sdpa/eager on
   CPU, fine to ~8k tokens) or a `BlockMask` (flex_attention on GPU; forward only on CPU in torch 2.13).
 """
@@ -415,13 +416,8 @@ def default_mask_kind(model) -> str:
     return {"flex_attention": "block", "eager": "float"}.get(impl, "bool")
 
 
-def _head_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
 def logprobs(model, packed: PackedTrie, mask=None, mask_kind: str | None = None,
-             chunk_size: int = 4096, recompute: bool = False) -> torch.Tensor:
+             chunk_size: int = 4096, recompute: bool = True) -> torch.Tensor:
     """log p(token_i | ancestors of i) for every node, read at parent(i); 0 where parent(i) = -1.
 
         log p_i = z[parent(i), x_i] - logsumexp_v z[parent(i), v],   z = lm_head(h)
@@ -430,10 +426,14 @@ def logprobs(model, packed: PackedTrie, mask=None, mask_kind: str | None = None,
     attention implementation needs (bool for sdpa, float for eager, BlockMask for flex_attention); pass
     `mask=` to use another one (e.g. `packed.causal_mask()` to show leakage).
 
-    `recompute=True` runs each chunk of the LM head under non-reentrant activation checkpointing: autograd
-    keeps the chunk's hidden states (chunk x hidden) instead of its fp32 logits (chunk x vocab) and
-    recomputes the logits in the backward (24.9 GB saved at 40,960 tokens x 151,936 vocab; same numbers).
+    The LM head runs over `chunk_size` nodes at a time. With `recompute=True` (default) autograd keeps only
+    each chunk's head input (chunk x hidden) and recomputes its logits in the backward (`twlib.lm_head`):
+    one chunk's [chunk x vocab] fp32 buffer at a time, 2.3 GiB at 4,096 x 151,936 instead of every chunk's
+    (24.9 GB at 40,960 tokens). `recompute=False` keeps every chunk's fp32 logits for the backward (the
+    plain autograd version; same numbers, tested to 1e-6).
     """
+    from twlib.lm_head import head_logprobs
+
     device = next(model.parameters()).device
     packed = packed.to(device)
     if mask is None:
@@ -451,14 +451,9 @@ def logprobs(model, packed: PackedTrie, mask=None, mask_kind: str | None = None,
     has_parent = (packed.parents >= 0).reshape(-1)
     out = torch.zeros(rows * length, dtype=torch.float32, device=device)
     where = has_parent.nonzero().squeeze(-1)
-    if recompute:
-        from torch.utils.checkpoint import checkpoint
     for start in range(0, where.numel(), chunk_size):
         idx = where[start:start + chunk_size]
-        if recompute:
-            out[idx] = checkpoint(_head_logprobs, head, flat[source[idx]], targets[idx], use_reentrant=False)
-        else:
-            out[idx] = _head_logprobs(head, flat[source[idx]], targets[idx])
+        out[idx] = head_logprobs(head, flat[source[idx]], targets[idx], recompute=recompute)
     return out.view(rows, length)
 
 
