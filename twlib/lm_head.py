@@ -32,9 +32,14 @@ import torch.nn.functional as F
 __all__ = ["ChunkLogprobs", "head_logprobs", "logprobs_from_logits"]
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 logits from a bf16/fp16 head (a new tensor); fp32 and fp64 ones as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The plain version (autograd keeps the fp32 logits): z_t - logsumexp(z) in fp32, per row."""
-    logits = logits.float()
+    """The plain version (autograd keeps the fp32 logits): z_t - logsumexp(z) in fp32 (fp64 stays), per row."""
+    logits = _upcast(logits)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -61,7 +66,7 @@ class ChunkLogprobs(torch.autograd.Function):
         ctx.amp = _autocast_state(hidden.device.type)
         raw = F.linear(hidden, weight, bias)
         ctx.compute_dtype = raw.dtype
-        logits = raw.float() if raw.dtype != torch.float32 else raw
+        logits = _upcast(raw)
         del raw
         target, lse = _target_and_lse(logits, targets)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
@@ -73,7 +78,7 @@ class ChunkLogprobs(torch.autograd.Function):
         device_type, enabled, dtype = ctx.amp
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             raw = F.linear(hidden, weight, bias)
-        grad = raw.float() if raw.dtype != torch.float32 else raw
+        grad = _upcast(raw)
         del raw
         # d(z_t - lse)/dz = onehot(t) - softmax(z); times the incoming gradient, all in place
         grad.sub_(lse[:, None]).exp_().mul_(-grad_out[:, None])
