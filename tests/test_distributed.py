@@ -128,6 +128,11 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     try:
         result = distributed.train(config(Path(root) / "full"), quiet=True)
         (Path(root) / f"load-{rank}.json").write_text(json.dumps({**result.load, "loader_calls": len(loads)}))
+        try:  # only rank 0 tries to load these weights, and fails: every rank must hear of it (no hang)
+            distributed.train(config(Path(root) / "no-weights-run", model=str(Path(root) / "no-weights")), quiet=True)
+            raise AssertionError("a model folder without weights trained")
+        except sft.ConfigError as e:
+            (Path(root) / f"load-error-{rank}.txt").write_text(str(e))
         memory_savers = distributed.Launch(gradient_checkpointing=True, logits="chunked", logits_chunk=64)
         distributed.train(config(Path(root) / "savers", checkpoint_every=0), memory_savers, quiet=True)
 
@@ -160,6 +165,11 @@ def two_ranks(tmp_path_factory):
     import torch.multiprocessing as mp
 
     root = tmp_path_factory.mktemp("two_ranks")
+    tok = build_tokenizer()  # a model folder with its config and tokenizer but no weights
+    build_model("tiny", tok).save_pretrained(root / "no-weights")
+    tok.save_pretrained(root / "no-weights")
+    for weights in (root / "no-weights").glob("*.safetensors"):
+        weights.unlink()
     mp.spawn(_worker, args=(2, free_port(), str(root)), nprocs=2, join=True)
     return root
 
@@ -190,6 +200,9 @@ def test_only_rank_0_materialises_the_full_model(two_ranks):
         assert report["meta_until_shard"]
         assert 0.45 * full_bytes <= report["shard_bytes"] <= 0.55 * full_bytes  # its half of each tensor
     assert reports[0]["shard_bytes"] + reports[1]["shard_bytes"] == full_bytes
+    # a load error on rank 0 is raised on rank 1 too, with rank 0's message
+    errors = [(two_ranks / f"load-error-{r}.txt").read_text() for r in range(2)]
+    assert errors[0] == errors[1] and "no-weights" in errors[0]
 
 
 @pytest.mark.slow

@@ -309,16 +309,16 @@ def load_base_on_rank0(config, tokenizer, rt, storage_dtype: torch.dtype, ranks:
     """(full model or None, model config). Rank 0 loads the base model with its weights on the CPU in the
     storage dtype (`twlib.sft.load_base_model`: a seeded preset, a folder or a cached hub id); the other
     ranks load nothing and receive its config. An error on rank 0 is raised on every rank."""
-    full, error = None, None
+    full, error = None, None  # error: (is a ConfigError, message), sent to every rank
     if ranks.main:
         cpu = sft.Runtime(torch.device("cpu"), storage_dtype, rt.attn, rt.mask_kind, False)
         try:
             full = sft.load_base_model(config.model, tokenizer, config.seed, cpu)
-        except Exception as e:  # noqa: BLE001 - sent to the other ranks, then re-raised here
-            error = (isinstance(e, ConfigError), f"{source or 'config'}: {e}")
-            if not error[0]:
-                dist.broadcast_object_list([(None, error)], src=0)
-                raise
+        except ConfigError as e:
+            error = (True, f"{source or 'config'}: {e}")
+        except Exception as e:
+            dist.broadcast_object_list([(None, (False, f"{type(e).__name__}: {e}"))], src=0)
+            raise  # the original exception on rank 0, a RuntimeError naming it elsewhere
     box = [(copy.deepcopy(full.config) if full is not None else None, error)]
     dist.broadcast_object_list(box, src=0)
     model_config, error = box[0]
