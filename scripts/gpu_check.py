@@ -143,6 +143,7 @@ def markdown(result: dict) -> str:
     lines = [f"# GPU check ({result['mode']})", "",
              f"- device: {result['device']}; torch {result['torch']}, transformers {result['transformers']}",
              f"- tokenizer: {result['tokenizer']}",
+             f"- peak memory: {result['peak_memory']}; planner GiB: twlib.plan's estimate less its fixed overhead",
              f"- {result['elapsed_s']} s of a {result['budget_s']:.0f} s budget; written {result['written']}", ""]
     for section, rows in result["sections"].items():
         lines += [f"## {section}", ""]
@@ -590,6 +591,10 @@ def main(argv=None) -> int:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "tokenizer": described, "models": list(models), "sizes": dataclasses.asdict(sizes),
+            "peak_memory": ("torch.cuda.max_memory_allocated over the timed passes: everything resident (weights, "
+                            "mask, optimizer states)" if device.type == "cuda" else
+                            "growth of the process's peak RSS over the timed passes (what was resident before, "
+                            "weights and mask, is not in it)"),
             "written": time.strftime("%Y-%m-%d %H:%M:%S")}
     report = Report(Path(args.out), meta, budget)
     chat = args.tokenizer is not None
