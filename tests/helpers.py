@@ -33,3 +33,14 @@ def assert_same_curve(rows, reference, rel=1e-4):
         assert r["lr"] == ref["lr"]
         assert float(r["loss"]) == pytest.approx(float(ref["loss"]), rel=rel), (r, ref)
         assert float(r["grad_norm"]) == pytest.approx(float(ref["grad_norm"]), rel=rel), (r, ref)
+
+
+def load_script(name: str):
+    """A script of scripts/ (not a package) imported as a module, e.g. load_script("seeds")."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

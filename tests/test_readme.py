@@ -1,16 +1,14 @@
 """Every result table in README.md is rendered from the committed result files (scripts/readme_tables.py)."""
 
-import importlib.util
 from pathlib import Path
+
+from helpers import load_script as load
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "scripts" / "readme_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("readme_tables")
 
 
 def test_readme_tables_match_the_result_files():
