@@ -27,11 +27,14 @@ Design choices
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
 import json
 import os
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,8 +156,6 @@ def evaluate_models(models: dict[str, str], problems, cfg: PipelineConfig, wall_
     from twlib.decoding import DecodeConfig, HFEngine, ParallelDecoder, sequential_decoder
     from twlib.eval import evaluate, summarize, write_rows
 
-    import sys
-
     out = Path(cfg.out)
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()  # bars on a terminal
     results, wall = {}, {}
@@ -219,8 +220,6 @@ def print_table(rows: list[dict]) -> None:
 
 
 def write_table(path: Path, rows: list[dict]) -> None:
-    import csv
-
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "model", k))
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
@@ -269,9 +268,6 @@ class Tee:
 
 def run(cfg: PipelineConfig, command: str = "python -m twlib pipeline") -> list[dict]:
     """The whole job (see the module docstring); its console output is also appended to `out/pipeline.log`."""
-    import contextlib
-    import sys
-
     out = Path(cfg.out)
     if cfg.fresh and out.exists() and not cfg.from_assets:
         shutil.rmtree(out)
