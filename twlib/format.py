@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence, Union
+from typing import Sequence, Union
 
 # ----------------------------------------------------------------------------------------------------
 # Tags
@@ -296,7 +296,7 @@ def is_valid(text: str) -> bool:
 
 def thread_prefix(n: int) -> str:
     """What the orchestrator appends to the context to start thread n (phase 3)."""
-    return f"\n{THREAD_OPEN}\n{n}:"
+    return f"\n<Thread>\n{n}:"
 
 
 def join_threads(completions: Sequence[str], numbers: Sequence[int] | None = None) -> str:
@@ -304,24 +304,27 @@ def join_threads(completions: Sequence[str], numbers: Sequence[int] | None = Non
 
     Each completion ends with its `</Thread>` stop tag; there is a newline before the first thread only.
     """
-    numbers = list(numbers) if numbers is not None else list(range(1, len(completions) + 1))
-    parts = [thread_prefix(n) if i == 0 else f"{THREAD_OPEN}\n{n}:" for i, n in enumerate(numbers)]
-    return "".join(p + c for p, c in zip(parts, completions)) + "\n"
+    if numbers is None:
+        numbers = range(1, len(completions) + 1)
+    text = ""
+    for i, (n, completion) in enumerate(zip(numbers, completions)):
+        newline = "\n" if i == 0 else ""
+        text += f"{newline}<Thread>\n{n}:" + completion
+    return text + "\n"
 
 
 def outline_numbers(context: str) -> list[int]:
     """Phase 2: outline numbers of the newest `<Outlines>` block, de-duplicated, in order of appearance."""
-    start = context.rfind(OUTLINES_OPEN)
+    start = context.rfind("<Outlines>")
     if start == -1:
         return []
-    end = context.find(OUTLINES_CLOSE, start)
-    region = context[start:end if end != -1 else len(context)]
-    seen: list[int] = []
-    for m in re.finditer(re.escape(OUTLINE_OPEN) + r"\s*(\d+)\s*:", region):
-        n = int(m.group(1))
-        if n not in seen:
-            seen.append(n)
-    return seen
+    end = context.find("</Outlines>", start)
+    region = context[start:] if end == -1 else context[start:end]
+    numbers = []
+    for match in re.finditer(r"<Outline>\s*(\d+)\s*:", region):
+        if int(match.group(1)) not in numbers:
+            numbers.append(int(match.group(1)))
+    return numbers
 
 
 @dataclass(frozen=True)
@@ -341,23 +344,22 @@ def engine_calls(trajectory: str | Trajectory, prompt: str = "") -> list[Call]:
     Sequential calls run until `</Outlines>` (or the end); then one call per thread with the context
     `prefix + "\\n<Thread>\\n{n}:"`; the join rule rebuilds the context and decoding continues.
     """
-    traj = parse(trajectory) if isinstance(trajectory, str) else trajectory
-    calls: list[Call] = []
-    context, pending = prompt, ""
-    block_index = 0
-    for seg in traj.segments:
-        if isinstance(seg, str):
-            pending += seg
+    if isinstance(trajectory, str):
+        trajectory = parse(trajectory)
+    calls, context, pending, block_index = [], prompt, "", 0
+    for segment in trajectory.segments:
+        if isinstance(segment, str):
+            pending += segment
             continue
-        header = seg.render()
-        header = header[: header.index(OUTLINES_CLOSE) + len(OUTLINES_CLOSE)]
-        calls.append(Call(context, pending + header, "sequential"))
+        text = segment.render()
+        header = text[: text.index("</Outlines>") + len("</Outlines>")]
+        calls.append(Call(context, pending + header, "sequential"))  # phase 1
         context += pending + header
-        completions = [f"{body}\n{THREAD_CLOSE}" for body in seg.threads]
-        for n, completion in enumerate(completions, 1):
+        completions = [body + "\n</Thread>" for body in segment.threads]
+        for n, completion in enumerate(completions, 1):  # phase 3
             calls.append(Call(context + thread_prefix(n), completion, "thread", block_index, n))
-        context += join_threads(completions)
-        pending = seg.tail[1:] + PARALLEL_CLOSE  # the join already wrote the tail's first "\n"
+        context += join_threads(completions)  # phase 4
+        pending = segment.tail[1:] + "</Parallel>"  # phase 5 starts here
         block_index += 1
     if pending or not calls:
         calls.append(Call(context, pending, "sequential"))
@@ -374,18 +376,18 @@ def replay(calls: Sequence[Call], prompt: str = "") -> str:
         call = calls[i]
         if call.kind != "sequential" or call.context != context:
             raise ValueError(f"call {i}: expected a sequential call on the current context")
-        context += call.completion
+        context += call.completion  # phase 1 (or 5)
         i += 1
-        if not call.completion.endswith(OUTLINES_CLOSE):
+        if not call.completion.endswith("</Outlines>"):
             continue
-        numbers = outline_numbers(context)
-        threads = calls[i: i + len(numbers)]
-        for n, t in zip(numbers, threads):
-            if t.kind != "thread" or t.context != context + thread_prefix(n):
-                raise ValueError(f"call {calls.index(t)}: expected thread {n} on the shared prefix")
+        numbers = outline_numbers(context)  # phase 2
+        threads = calls[i : i + len(numbers)]  # phase 3
         if len(threads) != len(numbers):
             raise ValueError(f"expected {len(numbers)} thread calls, found {len(threads)}")
-        context += join_threads([t.completion for t in threads], numbers)
+        for n, thread in zip(numbers, threads):
+            if thread.kind != "thread" or thread.context != context + thread_prefix(n):
+                raise ValueError(f"thread {n} does not start from the shared prefix")
+        context += join_threads([t.completion for t in threads], numbers)  # phase 4
         i += len(numbers)
     return context[len(prompt):]
 
@@ -424,19 +426,13 @@ class PathStats:
     threads: int = 0
 
 
-def _char_units(text: str) -> list[str]:
+def char_units(text: str) -> list[str]:
     """Tokens when no tokenizer is given: each tag is one token, every other character is one token."""
-    units, pos = [], 0
-    pattern = re.compile("|".join(re.escape(t) for t in TAGS))
-    for m in pattern.finditer(text):
-        units.extend(text[pos:m.start()])
-        units.append(m.group(0))
-        pos = m.end()
-    units.extend(text[pos:])
-    return units
+    pieces = re.split("(" + "|".join(re.escape(tag) for tag in TAGS) + ")", text)
+    return [u for i, piece in enumerate(pieces) for u in ([piece] if i % 2 else list(piece))]
 
 
-def count_path(units: Iterable[str]) -> PathStats:
+def count_path(tokens: list[str]) -> PathStats:
     """Spec section 3 over a token sequence (tags given as their strings, other tokens as anything else).
 
     Outside blocks every token is sequential (`<Parallel>`, `</Parallel>` included). Inside a block the
@@ -444,39 +440,27 @@ def count_path(units: Iterable[str]) -> PathStats:
     `<Thread>` and `</Thread>` (the `\\n{n}:`, the body and its last `\\n`) count once per block as the max
     over threads. Tolerant: an unclosed thread or block ends where the text ends.
     """
-    total = sequential = blocks = threads = 0
-    in_block = in_thread = False
-    lengths: list[int] = []
-    for u in units:
-        total += 1
-        if in_thread:
-            if u == THREAD_CLOSE or u == PARALLEL_CLOSE:
-                lengths.append(current)
-                in_thread = False
-                sequential += 1
-                if u == PARALLEL_CLOSE:
-                    sequential += max(lengths, default=0)
-                    in_block = False
-            else:
-                current += 1
-        elif in_block:
-            sequential += 1
-            if u == THREAD_OPEN:
-                in_thread, current = True, 0
-                threads += 1
-            elif u == PARALLEL_CLOSE:
-                sequential += max(lengths, default=0)
-                in_block = False
-        else:
-            sequential += 1
-            if u == PARALLEL_OPEN:
-                in_block, lengths = True, []
-                blocks += 1
-    if in_thread:
-        lengths.append(current)
-    if in_block:
+    sequential = blocks = threads = 0
+    lengths = None  # body lengths of the open block's threads; None outside blocks
+    in_body = False
+    for token in tokens:
+        if in_body and token not in ("</Thread>", "</Parallel>"):
+            lengths[-1] += 1  # a thread body token: runs in parallel
+            continue
+        in_body = False
+        sequential += 1  # every other token is on the critical path
+        if token == "<Parallel>" and lengths is None:
+            lengths, blocks = [], blocks + 1
+        elif token == "<Thread>" and lengths is not None:
+            lengths.append(0)
+            in_body, threads = True, threads + 1
+        elif token == "</Parallel>" and lengths is not None:
+            sequential += max(lengths, default=0)  # the block waits for its longest thread
+            lengths = None
+    if lengths is not None:  # unclosed block: close it at the end of the text
         sequential += max(lengths, default=0)
-    longest = sequential
+
+    total, longest = len(tokens), sequential
     eta = 1.0 - longest / total if total else 0.0
     speedup = total / longest if longest else 1.0
     return PathStats(total, longest, eta, speedup, blocks, threads)
@@ -490,12 +474,11 @@ def path_stats(token_ids_or_text, tokenizer=None) -> PathStats:
     - `path_stats(text, tokenizer)` / `path_stats(ids, tokenizer)`: tokens of that tokenizer; tags must be
       single tokens in it (see `twlib.tokenizer.add_thread_tokens`).
     """
-    if isinstance(token_ids_or_text, str):
-        if tokenizer is None:
-            return count_path(_char_units(token_ids_or_text))
-        ids = tokenizer.encode(token_ids_or_text, add_special_tokens=False)
-    else:
-        if tokenizer is None:
+    if tokenizer is None:
+        if not isinstance(token_ids_or_text, str):
             raise ValueError("path_stats(token_ids) needs the tokenizer that produced them")
-        ids = [int(i) for i in token_ids_or_text]
-    return count_path(tokenizer.convert_ids_to_tokens(ids))
+        return count_path(char_units(token_ids_or_text))
+    ids = token_ids_or_text
+    if isinstance(ids, str):
+        ids = tokenizer.encode(ids, add_special_tokens=False)
+    return count_path(tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
