@@ -247,6 +247,41 @@ def block_mask(exits: torch.Tensor, block_size: int = 128):
 # Packing
 
 
+def insert_calls(calls, loss: str = "completions"):
+    """Insert (context, completion) token lists into a trie: one node per distinct prefix.
+
+    Returns per node its token, its parent (-1 for a root), whether it carries a loss, its children
+    (token -> node), and the roots (first token -> node). Nodes are numbered in order of creation.
+    """
+    tokens, parent, trained, children, roots = [], [], [], [], {}
+    prompt_len = len(calls[0][0])
+    for context, completion in calls:
+        node, kids = -1, roots
+        for j, t in enumerate(list(context) + list(completion)):
+            t = int(t)
+            if t not in kids:  # a prefix not seen before: one new node
+                kids[t] = len(tokens)
+                tokens.append(t)
+                parent.append(node)
+                trained.append(False)
+                children.append({})
+            node = kids[t]
+            if j >= len(context) or (loss == "paper" and j >= prompt_len):
+                trained[node] = True
+            kids = children[node]
+    return tokens, parent, trained, children, roots
+
+
+def depth_first_order(children, roots) -> list[int]:
+    """Node ids in depth-first order, children in insertion order (an explicit stack: tries get deep)."""
+    order, stack = [], list(reversed(list(roots.values())))
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(reversed(list(children[node].values())))
+    return order
+
+
 def pack(calls, tokenizer=None, loss: str = "completions", add_eos: bool = True) -> PackedTrie:
     """Pack one trajectory's calls into a trie row.
 
@@ -257,62 +292,32 @@ def pack(calls, tokenizer=None, loss: str = "completions", add_eos: bool = True)
     if loss not in LOSS_POLICIES:
         raise ValueError(f"unknown loss policy {loss!r}: expected one of {LOSS_POLICIES}")
     calls = list(calls)
-    if calls and not isinstance(calls[0], (tuple, list)):
+    if calls and not isinstance(calls[0], (tuple, list)):  # Call objects: tokenise them first
         if tokenizer is None:
             raise ValueError("pack(calls) with Call objects needs the tokenizer")
         calls = tokenize_calls(calls, tokenizer, add_eos=add_eos)
     if not calls:
         raise ValueError("pack() needs at least one (context, completion) pair")
 
-    tokens: list[int] = []
-    parent: list[int] = []
-    trained: list[bool] = []
-    children: list[dict[int, int]] = []
-    roots: dict[int, int] = {}
-    prompt_len = len(calls[0][0])
-    for context, completion in calls:
-        node, kids = -1, roots
-        for j, tok in enumerate(list(context) + list(completion)):
-            tok = int(tok)
-            nxt = kids.get(tok)
-            if nxt is None:
-                nxt = len(tokens)
-                kids[tok] = nxt
-                tokens.append(tok)
-                parent.append(node)
-                trained.append(False)
-                children.append({})
-            if j >= len(context) or (loss == "paper" and j >= prompt_len):
-                trained[nxt] = True
-            node, kids = nxt, children[nxt]
-
-    # Depth-first renumbering (children in insertion order) and subtree exits.
-    n = len(tokens)
-    order: list[int] = []
-    new_index = [0] * n
-    exit_ = [0] * n
+    tokens, parent, trained, children, roots = insert_calls(calls, loss)
+    order = depth_first_order(children, roots)
+    new = {old: i for i, old in enumerate(order)}
+    n = len(order)
+    parents = [new[parent[o]] if parent[o] >= 0 else -1 for o in order]
     depth = [0] * n
-    stack = [(r, 0, False) for r in reversed(list(roots.values()))]
-    while stack:
-        node, d, done = stack.pop()
-        if done:
-            exit_[new_index[node]] = len(order)
-            continue
-        new_index[node] = len(order)
-        order.append(node)
-        depth[node] = d
-        stack.append((node, d, True))
-        stack.extend((c, d + 1, False) for c in reversed(list(children[node].values())))
-
-    input_ids = [tokens[o] for o in order]
-    parents = [new_index[parent[o]] if parent[o] >= 0 else -1 for o in order]
+    for i in range(n):  # parents come first: depth = parent's depth + 1
+        depth[i] = depth[parents[i]] + 1 if parents[i] >= 0 else 0
+    size = [1] * n
+    for i in reversed(range(n)):  # children come after: add each subtree to its parent
+        if parents[i] >= 0:
+            size[parents[i]] += size[i]
+    exits = [i + size[i] for i in range(n)]
     labels = [tokens[o] if trained[o] and parent[o] >= 0 else IGNORE for o in order]
-    positions = [depth[o] for o in order]
 
     def row(values):
         return torch.tensor([values], dtype=torch.long)
 
-    return PackedTrie(row(input_ids), row(positions), row(parents), row(labels), row(exit_),
+    return PackedTrie(row([tokens[o] for o in order]), row(depth), row(parents), row(labels), row(exits),
                       torch.zeros(1, n, dtype=torch.long))
 
 
