@@ -988,14 +988,6 @@ class GroupSumRewriter:
 # Table 8: statistics of a set of trajectories
 
 
-def _count(text: str, tokenizer) -> int:
-    return path_stats(text).total if tokenizer is None else len(tokenizer.encode(text, add_special_tokens=False))
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return statistics.fmean(values) if values else None
-
-
 def trajectory_stats(texts: Sequence[str], tokenizer=None) -> dict:
     """The paper's Table 8 for any list of response texts (response tokens only; without a tokenizer every
     tag is one token and every other character one).
@@ -1008,29 +1000,34 @@ def trajectory_stats(texts: Sequence[str], tokenizer=None) -> dict:
     Texts that fail `parse` count in `invalid`; they enter the path statistics (path_stats is tolerant)
     but not the per-block ones. Empty input gives n = 0 and None elsewhere.
     """
+    def count(text):
+        return path_stats(text).total if tokenizer is None else len(tokenizer.encode(text, add_special_tokens=False))
+
+    def mean(values):
+        return statistics.fmean(values) if values else None
+
     paths, block_tokens, block_threads, invalid = [], [], [], 0
     for text in texts:
-        paths.append(path_stats(text, tokenizer))
+        paths.append(path_stats(text, tokenizer))  # tolerant: also measures malformed texts
         try:
             blocks = parse(text).blocks
         except FormatError:
-            invalid += 1
+            invalid += 1  # no per-block statistics for these
             continue
-        block_tokens += [_count(b.render(), tokenizer) for b in blocks]
+        block_tokens += [count(b.render()) for b in blocks]
         block_threads += [len(b.threads) for b in blocks]
-    mean_total = _mean([p.total for p in paths])
-    mean_longest = _mean([p.longest for p in paths])
+    mean_total, mean_longest = mean([p.total for p in paths]), mean([p.longest for p in paths])
     return {
         "n": len(paths),
         "invalid": invalid,
-        "parallel_ratio": _mean([float(p.blocks > 0) for p in paths]),
+        "parallel_ratio": mean([float(p.blocks > 0) for p in paths]),
         "mean_longest": mean_longest,
         "mean_total": mean_total,
-        "self_parallelism": _mean([p.speedup for p in paths]),
+        "self_parallelism": mean([p.speedup for p in paths]),
         "self_parallelism_of_means": mean_total / mean_longest if mean_longest else None,
-        "blocks_per_sample": _mean([float(p.blocks) for p in paths]),
-        "tokens_per_block": _mean(block_tokens),
-        "threads_per_block": _mean(block_threads),
+        "blocks_per_sample": mean([float(p.blocks) for p in paths]),
+        "tokens_per_block": mean(block_tokens),
+        "threads_per_block": mean(block_threads),
     }
 
 
