@@ -247,3 +247,84 @@ def test_response_prefix_forces_the_parallel_form(toy):
     # a sequential decoder with a prefix continues after it
     seq = sequential_decoder(HFEngine(model, tok), tok, DecodeConfig(max_new_tokens=30, response_prefix="<think>\nA:"))
     assert seq.decode(prompts[0]).text.startswith("<think>\nA:")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The failure policy, case by case (moved here from notebook 03): each case gets exactly its flag, and the
+# policy's consequence (stop or go on, a text that still parses or not) holds.
+
+
+def _policy_run(tok, script, max_context=600, **config):
+    config = DecodeConfig(**{"max_new_tokens": 300, "max_thread_tokens": 40, "max_threads": 4, **config})
+    return ParallelDecoder(ScriptedEngine(lambda r, g: script(r), max_context=max_context), tok,
+                           config).decode(tok.encode("prompt\n", add_special_tokens=False))
+
+
+@pytest.fixture(scope="module")
+def policy(tok):
+    """Helpers for one-case scripts: enc, eos, the `</Outlines>` id, is_thread(request), outlines(*items)."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False)
+    colon = enc(":")[0]
+
+    def outlines(*items):
+        return enc("<Parallel>\n<Outlines>\n" + "".join(f"<Outline>{i}</Outline>\n" for i in items) + "</Outlines>")
+
+    return dict(enc=enc, eos=tok.eos_token_id, close=tok.convert_tokens_to_ids("</Outlines>"),
+                is_thread=lambda r: r.prompt_ids[-1] == colon, outlines=outlines)
+
+
+def test_no_outlines_stops(tok, policy):
+    r = _policy_run(tok, lambda req: policy["outlines"]("plan without a number"))
+    assert r.flags == ["no_outlines"] and not r.finished and not any(c.kind == "thread" for c in r.calls)
+
+
+def test_duplicate_outlines_are_deduplicated_and_decoding_goes_on(tok, policy):
+    p = policy
+    r = _policy_run(tok, lambda req: p["enc"]("x\n</Thread>") if p["is_thread"](req) else
+                    (p["outlines"]("1:a", "1:b", "2:c") if p["close"] not in req.prompt_ids
+                     else p["enc"]("</Parallel>\ndone") + [p["eos"]]))
+    assert r.flags == ["duplicate_outlines"] and r.finished and r.stats.threads == 2
+    assert not r.valid  # the text keeps the model's outlines as written
+
+
+def test_too_many_threads_keeps_the_first_max_threads(tok, policy):
+    p = policy
+    r = _policy_run(tok, lambda req: p["enc"]("y\n</Thread>") if p["is_thread"](req) else
+                    (p["outlines"](*[f"{i}:g{i}" for i in range(1, 8)]) if p["close"] not in req.prompt_ids
+                     else p["enc"]("</Parallel>\ndone") + [p["eos"]]))
+    assert r.flags == ["too_many_threads"] and r.stats.threads == 4 and r.finished and not r.valid
+
+
+def test_an_unclosed_thread_is_closed_and_decoding_stops(tok, policy):
+    p = policy
+    r = _policy_run(tok, lambda req: p["enc"]("x" * 1000) if p["is_thread"](req) else p["outlines"]("1:a", "2:b"))
+    assert r.flags == ["thread_unclosed", "thread_unclosed"] and r.valid and not r.finished
+
+
+def test_a_thread_ending_with_eos_is_closed_and_only_it_is_flagged(tok, policy):
+    p = policy
+    one = p["enc"]("1")[0]
+    r = _policy_run(tok, lambda req: (p["enc"]("ok\n</Thread>") if req.prompt_ids[-2] == one
+                                      else p["enc"]("abc") + [p["eos"]])
+                    if p["is_thread"](req) else p["outlines"]("1:a", "2:b"))
+    assert r.flags == ["thread_eos"] and r.valid and not r.finished
+
+
+def test_iteration_cap_and_token_budget_end_a_model_that_opens_block_after_block(tok, policy):
+    p = policy
+    forever = lambda req: p["enc"]("q\n</Thread>") if p["is_thread"](req) else p["enc"]("</Parallel>\n") * (
+        p["close"] in req.prompt_ids) + p["outlines"]("1:a", "2:b")
+    r = _policy_run(tok, forever, max_iterations=3, max_new_tokens=2000, max_context=4000)
+    assert r.flags == ["iteration_cap"]
+    # a budget that runs out exactly when the third block is joined: the tokens of every call but the last
+    budget = sum(len(c.completion_ids) for c in r.calls[:-1])
+    r = _policy_run(tok, forever, max_iterations=32, max_new_tokens=budget, max_context=4000)
+    assert r.flags == ["token_budget"] and sum(len(c.completion_ids) for c in r.calls) == budget
+
+
+def test_context_overflow_cuts_at_the_window_and_the_budget_truncates(tok, policy):
+    text = lambda req: policy["enc"]("text ") * 1000
+    r = _policy_run(tok, text, max_context=200, max_new_tokens=1000)
+    assert r.flags == ["context_overflow"] and len(r.prompt_ids) + len(r.response_ids) <= 200
+    r = _policy_run(tok, text, max_context=2000, max_new_tokens=100)
+    assert r.flags == ["truncated"]
