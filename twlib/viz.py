@@ -23,7 +23,9 @@ Design choices
   trace named "mask" holds exactly `packed.attention_mask("bool")` (or `causal_mask`) as 0/1.
 - `mask_explorer` is headless-safe: building it and changing its widgets needs no browser or kernel; the
   current figure is kept on `.figure`, and it is displayed into an `ipywidgets.Output` only when an
-  IPython shell is running. In JupyterLab the figure is re-displayed on every change.
+  IPython shell is running. In JupyterLab the figure is re-displayed on every change. Its widgets carry
+  CSS classes (`twlab-mask-explorer`, `twlab-token`, `twlab-mask-kind`, ...) that the browser test finds
+  them by, so a notebook can reshape its cells without breaking that test.
 - `calls_timeline` places a decoded response's calls on the critical path (`call_spans`): a sequential
   call starts where the previous call (or the previous block's longest thread) ended; the threads of a
   block share a start and sit in parallel lanes. Placement is logical, not wall time.
@@ -376,6 +378,10 @@ def mask_explorer(samples: Mapping[str, PackedTrie], tokenizer, row: int = 0, to
     toggle = widgets.ToggleButtons(options=list(KINDS), value="trie", description="mask")
     out = widgets.Output()
     box = widgets.VBox([widgets.HBox([dropdown, toggle]), slider, out])
+    # stable CSS classes: the browser test (tests/test_browser.py) finds the explorer by these
+    for widget, name in ((box, "twlab-mask-explorer"), (dropdown, "twlab-sample"), (slider, "twlab-token"),
+                         (toggle, "twlab-mask-kind"), (out, "twlab-figure")):
+        widget.add_class(name)
     box.controls = (dropdown, slider, toggle)
     box.figure = None
     busy = [False]
