@@ -18,6 +18,8 @@ Design choices
   connections get refused), and every run gets a fresh profile.
 - Missing Chromium or Playwright: skipped with the command that installs them; under CI=true a failure,
   since CI installs both (.ci/run -> scripts/setup_browser.sh) and a skip would hide that the tier did not run.
+- The page may reach the local JupyterLab only: other requests are aborted (and logged), so the test
+  runs the same with or without a network.
 - JupyterLab runs with its settings, workspaces, runtime and config folders (and IPYTHONDIR) in the
   temporary folder: nothing the user set changes what the test sees, news and update checks are off, and
   the notebook is not windowed (every cell stays in the DOM). The committed notebook is never written.
@@ -179,6 +181,9 @@ def page(chromium, tmp_path):
             page.on("console", lambda m: page.console.append(f"[{m.type}] {m.text}"))
             page.on("pageerror", lambda e: page.console.append(f"[pageerror] {e}"))
             page.on("requestfailed", lambda r: page.console.append(f"[requestfailed] {r.url} {r.failure}"))
+            # nothing but the local JupyterLab: a request elsewhere (plotly's notebook output names MathJax on
+            # a CDN) is refused at once, instead of depending on how the machine's network treats it
+            context.route(re.compile(r"^(?!http://127\.0\.0\.1:)"), lambda route: route.abort("blockedbyclient"))
             yield page
         finally:
             context.close()
