@@ -1,7 +1,7 @@
 """The interactive lab in a real browser: notebook 02 in JupyterLab, in headless Chromium, driven by Playwright.
 
     bash scripts/setup_browser.sh                 # Chromium (apt-get) + the Playwright driver (pip)
-    .venv/bin/python -m pytest -m browser -q      # about 40 s on 2 cores
+    .venv/bin/python -m pytest -m browser -q      # 35-55 s on 2 shared cores
 
 One test, one user session: JupyterLab starts on a free localhost port (with a token) over a temporary
 copy of notebook 02; Chromium opens it, runs every cell from the Run menu (small configuration,
@@ -316,6 +316,7 @@ def test_explorer_widgets_carry_the_classes_this_test_finds():
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_mask_explorer_in_jupyterlab(chromium, jupyterlab, page):
     url, lab_log = jupyterlab
     folder = lab_log.parent
