@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     cfg = pgrpo.PGRPOConfig(model=args.model, prompts_per_step=args.prompts, rollouts_per_prompt=args.k,
                             device="cpu", progress=False).validate()
-    from twlib.sft import load_base_model, load_tokenizer, resolve_runtime
+    from twlib.checkpoint import load_base_model, load_tokenizer, resolve_runtime
 
     tok = load_tokenizer(cfg.model)
     model = load_base_model(cfg.model, tok, 0, resolve_runtime(cfg))

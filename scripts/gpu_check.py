@@ -352,7 +352,7 @@ def loss_pass(model, row, mask) -> None:
 def attention_section(report: Report, name: str, tokenizer, device, sizes: Sizes) -> None:
     import torch
 
-    from twlib.sft import enable_gradient_checkpointing
+    from twlib.checkpoint import enable_gradient_checkpointing
 
     kinds = [("block", "flex_attention"), ("dense", "sdpa")]
     model = build(name, tokenizer, device, torch.bfloat16, "sdpa")
@@ -413,7 +413,8 @@ def attention_section(report: Report, name: str, tokenizer, device, sizes: Sizes
 def sft_section(report: Report, name: str, tokenizer, device, sizes: Sizes) -> None:
     import torch
 
-    from twlib.sft import batch_loss, enable_gradient_checkpointing
+    from twlib.checkpoint import enable_gradient_checkpointing
+    from twlib.sft import batch_loss
 
     what = f"sft {name}"
     if not report.time_left(what):

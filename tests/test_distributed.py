@@ -1,4 +1,4 @@
-"""twlib.distributed: FSDP2 data-parallel trie SFT reproduces twlib.sft, and resumes exactly from DCP checkpoints.
+"""twlib.sft under FSDP2 (twlib.distributed): data-parallel trie SFT reproduces one process, and resumes exactly from DCP checkpoints.
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) works on CPU with the gloo backend in torch 2.13, so these
 tests run the real FSDP2 code path (no DDP fallback): two processes started with `torch.multiprocessing`
@@ -10,7 +10,7 @@ on gloo, the tiny preset, a few steps. What they check:
 - a 2-rank run interrupted after step 3 (last checkpoint at step 2) and resumed ends with the same per-step
   losses and the same weights as the uninterrupted 2-rank run;
 - 1 rank through the command line (`main`, no torchrun) gives the same curve too;
-- the building blocks: row split, micro-batch plan, the two LM-head modes, launcher options, and
+- the building blocks: row split, micro-batch plan, the two LM-head modes, launch options, and
   twlib.sft's new `gradient_checkpointing` field (same losses with and without).
 The interruption is an exception raised on every rank after a step (as tests/test_sft.py does); the resumed
 run rebuilds model, optimizer and data from scratch and reads its state from the DCP checkpoint on disk.
@@ -23,7 +23,7 @@ import pytest
 import torch
 from helpers import assert_same_curve, final_weights, free_port, read_metrics
 
-from twlib import distributed, sft
+from twlib import checkpoint, distributed, sft
 from twlib.format import engine_calls
 from twlib.models import build_model
 from twlib.sft import SFTConfig
@@ -75,7 +75,7 @@ def test_kept_and_recomputed_lm_head_give_the_same_loss_and_gradients():
     results = {}
     for logits in distributed.LOGITS:
         model.zero_grad()
-        loss, trained = distributed.TrieLoss(model, "bool", logits, logits_chunk=7)(rows, 10.0)
+        loss, trained = sft.TrieLoss(model, "bool", logits, logits_chunk=7)(rows, 10.0)
         loss.backward()
         results[logits] = loss.detach(), trained, {n: p.grad.clone() for n, p in model.named_parameters()}
     (a, n_a, grads_a), (b, n_b, grads_b) = results["chunked"], results["kept"]
@@ -85,7 +85,7 @@ def test_kept_and_recomputed_lm_head_give_the_same_loss_and_gradients():
         torch.testing.assert_close(grads_a[n], grads_b[n], rtol=0, atol=1e-6)
 
 
-def test_launch_options_follow_the_launcher_block_then_the_flags():
+def test_launch_options_follow_the_launch_section_then_the_flags():
     launch = distributed.launch_options(ROOT / "configs" / "qwen3-8b-sft.yaml")
     assert launch.gradient_checkpointing and launch.offload and launch.logits == "chunked"
     assert launch.logits_chunk == 4096 and launch.max_position_embeddings is None
@@ -123,31 +123,31 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     loads = []  # calls of the base-model loader on this rank
-    real_loader = sft.load_base_model
-    sft.load_base_model = lambda *args, **kwargs: loads.append(args[0]) or real_loader(*args, **kwargs)
+    real_loader = checkpoint.load_base_model
+    checkpoint.load_base_model = lambda *args, **kwargs: loads.append(args[0]) or real_loader(*args, **kwargs)
     try:
-        result = distributed.train(config(Path(root) / "full"), quiet=True)
+        result = sft.train(config(Path(root) / "full"), quiet=True)
         (Path(root) / f"load-{rank}.json").write_text(json.dumps({**result.load, "loader_calls": len(loads)}))
         try:  # only rank 0 tries to load these weights, and fails: every rank must hear of it (no hang)
-            distributed.train(config(Path(root) / "no-weights-run", model=str(Path(root) / "no-weights")), quiet=True)
+            sft.train(config(Path(root) / "no-weights-run", model=str(Path(root) / "no-weights")), quiet=True)
             raise AssertionError("a model folder without weights trained")
         except sft.ConfigError as e:
             (Path(root) / f"load-error-{rank}.txt").write_text(str(e))
         memory_savers = distributed.Launch(gradient_checkpointing=True, logits="chunked", logits_chunk=64)
-        distributed.train(config(Path(root) / "savers", checkpoint_every=0), memory_savers, quiet=True)
+        sft.train(config(Path(root) / "savers", checkpoint_every=0), quiet=True, launch=memory_savers)
 
         def stop(step, row):
             if step == INTERRUPT_AT:
                 raise Interrupt
 
         try:
-            distributed.train(config(Path(root) / "cut"), on_step=stop, quiet=True)
+            sft.train(config(Path(root) / "cut"), on_step=stop, quiet=True)
             raise AssertionError("the run was not interrupted")
         except Interrupt:
             pass
         trainer = json.loads((Path(root) / "cut" / "checkpoint" / "trainer_state.json").read_text())
         assert trainer["step"] == 2 and trainer["world_size"] == world, trainer
-        distributed.train(config(Path(root) / "cut", resume=True), quiet=True)
+        sft.train(config(Path(root) / "cut", resume=True), quiet=True)
     finally:
         dist.destroy_process_group()
     distributed.exit_process()  # the results are on disk: skip the teardown race at exit
@@ -228,7 +228,7 @@ def test_interrupted_run_resumes_to_the_same_result(two_ranks):
 def test_one_process_command_line_matches_the_single_process_run(single, tmp_path):
     path = tmp_path / "tiny.yaml"
     sft.save_config(config(tmp_path / "cli"), path)
-    assert distributed.main(["--config", str(path)]) == 0
+    assert sft.main(["--config", str(path), "--fsdp"]) == 0
     assert_same_curve(read_metrics(tmp_path / "cli"), read_metrics(single))
     assert (tmp_path / "cli" / "final" / "config.json").is_file()
     assert not torch.distributed.is_initialized()  # the process group it made is gone
@@ -237,6 +237,6 @@ def test_one_process_command_line_matches_the_single_process_run(single, tmp_pat
 def test_command_line_errors_name_the_field(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("model: tiny\nlora: true\ndevice: cpu\nn_train: 4\n")
-    assert distributed.main(["--config", str(path), "--set", f"out_dir={tmp_path / 'x'}"]) == 2
+    assert sft.main(["--config", str(path), "--fsdp", "--set", f"out_dir={tmp_path / 'x'}"]) == 2
     assert "lora" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()

@@ -22,7 +22,7 @@ import pytest
 import torch
 from helpers import final_weights, free_port, read_metrics
 
-from twlib import distributed, distributed_pgrpo, pgrpo, sft
+from twlib import checkpoint, distributed, distributed_pgrpo, pgrpo
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "assets" / "checkpoints" / "toy-parallel"
@@ -264,8 +264,8 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     server = None
     loads = []  # calls of the base-model loader on this rank, over all the runs below
-    real_loader = sft.load_base_model
-    sft.load_base_model = lambda *args, **kwargs: loads.append(args[0]) or real_loader(*args, **kwargs)
+    real_loader = checkpoint.load_base_model
+    checkpoint.load_base_model = lambda *args, **kwargs: loads.append(args[0]) or real_loader(*args, **kwargs)
     try:
         distributed_pgrpo.train(config(Path(root) / "full"), quiet=True)
 

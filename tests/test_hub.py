@@ -79,7 +79,8 @@ def test_sft_loads_a_hub_id_from_the_cache(cache):
     import torch
 
     from twlib.models import build_model
-    from twlib.sft import ConfigError, load_base_model, load_tokenizer, resolve_runtime, SFTConfig
+    from twlib.checkpoint import load_base_model, load_tokenizer, resolve_runtime
+    from twlib.config import ConfigError, SFTConfig
     from twlib.tokenizer import build_tokenizer
 
     tok = build_tokenizer()

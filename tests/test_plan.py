@@ -160,7 +160,7 @@ def test_chunked_logits_do_not_grow_with_tokens_but_full_logits_do():
 
 
 def test_the_8b_dry_run_needs_no_lm_head_warning(capsys):
-    """twlib.trie.logprobs recomputes each LM-head chunk, so the launcher's `logits: chunked` is what runs:
+    """twlib.trie.logprobs recomputes each LM-head chunk, so the launch section's `logits: chunked` is what runs:
     no note that the planned LM head differs from the code's (it said 27.0 GiB instead of 6.1 before)."""
     assert plan.main(["--dry-run", str(Path(__file__).resolve().parent.parent / "configs" / "qwen3-8b-sft.yaml")]) == 0
     out = capsys.readouterr().out
@@ -278,9 +278,10 @@ def write_broken(tmp_path, old, new) -> Path:
     ("lr: 1.0e-5", "lr: -1", "'lr'"),
     ("betas: [0.9, 0.95]", "betas: [0.9]", "'betas'"),
     ("epochs: 8", "epohcs: 8", "'epohcs'"),
-    ("#   sharding: zero3", "#   sharding: zero9", "'sharding'"),
-    ("#   gpus: 8", "#   gpus: eight", "'gpus'"),
-    ("#   gpu: h100-80gb", "#   gpu_type: h100-80gb", "'gpu_type'"),
+    ("  sharding: zero3", "  sharding: zero9", "'sharding'"),
+    ("  gpus: 8", "  gpus: eight", "'gpus'"),
+    ("  gpu: h100-80gb", "  gpu_type: h100-80gb", "'gpu_type'"),
+    ("  gpu: h100-80gb", "  gpu: h900-80gb", "'gpu'"),
     ("model: models/Qwen3-8B", "model: models/Llama-8B", "'model'"),
 ])
 def test_broken_config_exits_2_and_names_the_field(tmp_path, capsys, old, new, field):
@@ -313,7 +314,7 @@ def test_cli_bad_value_exits_2(capsys):
     assert "gpu" in capsys.readouterr().err
 
 
-TRAINERS = {"sft": "twlib.sft", "pgrpo": "twlib.pgrpo", "distributed": "twlib.distributed",
+TRAINERS = {"sft": "twlib.sft", "pgrpo": "twlib.pgrpo",
             "distributed_pgrpo": "twlib.distributed_pgrpo"}
 
 

@@ -97,7 +97,7 @@ def sft_run(work, data):
 @pytest.fixture(scope="module")
 def two_ranks(work, sft_run):
     """The same config over 2 processes: torchrun + FSDP2 on gloo, memory levers from the launcher block."""
-    twlib_cmd(work, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "-m", "twlib.distributed",
+    twlib_cmd(work, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "-m", "twlib.sft",
               "--config", SFT_CONFIG, "--set", "out_dir=runs/qwen3-tiny-sft-2ranks", timeout=420)
     return work / "runs" / "qwen3-tiny-sft-2ranks"
 
@@ -133,7 +133,7 @@ def test_dry_runs(argv, capsys):
     assert "over 2 GPU(s)" in out  # the launcher block: 2 ranks, FSDP
 
 
-@pytest.mark.parametrize("module, config", [("twlib.distributed", SFT_CONFIG),
+@pytest.mark.parametrize("module, config", [("twlib.sft", SFT_CONFIG),
                                             ("twlib.distributed_pgrpo", PGRPO_CONFIG)])
 def test_distributed_dry_runs(module, config, capsys):
     import importlib

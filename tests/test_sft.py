@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from twlib import sft
+from twlib import checkpoint, sft
 from twlib.cli import main as cli_main
 from twlib.format import engine_calls
 from twlib.models import build_model
@@ -114,7 +114,7 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     """A crash inside the save, after the new checkpoint is fully written to its temporary directory,
     leaves the previous checkpoint in place and loadable; resuming from it finishes the run."""
     cfg = config(tmp_path, max_steps=6, checkpoint_every=2)
-    real_swap, calls = sft._swap_into_place, []
+    real_swap, calls = checkpoint.swap_into_place, []
 
     def crash_on_second_save(tmp, final, old):
         calls.append(tmp)
@@ -123,10 +123,10 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
             raise OSError("simulated crash during checkpoint save")
         real_swap(tmp, final, old)
 
-    monkeypatch.setattr(sft, "_swap_into_place", crash_on_second_save)
+    monkeypatch.setattr(checkpoint, "swap_into_place", crash_on_second_save)
     with pytest.raises(OSError, match="simulated crash"):
         train(cfg, quiet=True)
-    monkeypatch.setattr(sft, "_swap_into_place", real_swap)
+    monkeypatch.setattr(checkpoint, "swap_into_place", real_swap)
 
     path = sft.find_checkpoint(cfg.out_dir)
     assert path == Path(cfg.out_dir) / "checkpoint"
@@ -159,9 +159,9 @@ def test_crash_between_renames_falls_back_to_previous(tmp_path, monkeypatch):
             raise OSError("simulated crash between renames")
         real_replace(src, dst)
 
-    monkeypatch.setattr(sft.os, "replace", crash_on_second_rename)
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_second_rename)
     with pytest.raises(OSError):
-        sft._swap_into_place(out / ".checkpoint.tmp", out / "checkpoint", out / "checkpoint.old")
+        checkpoint.swap_into_place(out / ".checkpoint.tmp", out / "checkpoint", out / "checkpoint.old")
     found = sft.find_checkpoint(out)
     assert found == out / "checkpoint.old" and '"step": 2' in (found / "trainer_state.json").read_text()
 
@@ -281,6 +281,27 @@ def test_config_errors_name_the_field_and_the_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
     for c in [ROOT / "configs" / f"tiny-{stage}.yaml" for stage in ("base", "parallel", "sequential", "causal")]:
         assert load_config(c).out_dir.startswith("runs/")
+
+
+def test_launch_section_and_retired_fields(tmp_path):
+    """`launch:` is a typed section (errors name it and the field); a retired field loads only at its old
+    value, so the shipped checkpoints' saved configs keep loading."""
+    path = tmp_path / "run.yaml"
+    path.write_text("launch:\n  gpus: 2\n  sharding: fsdp\n  logits: twlib\n")
+    launch = load_config(path).launch
+    assert (launch.gpus, launch.sharding, launch.logits, launch.logits_chunk) == (2, "fsdp", "kept", 4096)
+    assert load_config(path, ["launch={gpus: 4}"]).launch.gpus == 4
+    for text, match in (("launch:\n  gpus: two\n", r"run\.yaml \(launch\): field 'gpus': expected an integer"),
+                        ("launch:\n  shards: 2\n", r"run\.yaml \(launch\): unknown field 'shards'"),
+                        ("launch:\n  sharding: zero9\n", r"run\.yaml \(launch\): field 'sharding'"),
+                        ("launch: 3\n", r"field 'launch': expected a mapping"),
+                        ("item_tokens: true\n", r"field 'item_tokens' was removed")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            load_config(path)
+    for stage in ("base", "parallel", "sequential", "causal"):
+        saved = ROOT / "assets" / "checkpoints" / f"tiny-{stage}" / "train_config.yaml"
+        assert "item_tokens: false" in saved.read_text() and load_config(saved).mode in ("parallel", "sequential", "causal")
 
 
 def test_bad_data(tmp_path, tok):

@@ -175,19 +175,3 @@ def test_add_thread_tokens_only_missing_and_no_shrink():
     assert len(tokenizer) == 268
     assert model.get_input_embeddings().weight.shape[0] == 300  # never shrinks
     assert tag_ids(tokenizer)["<think>"] == 258
-
-
-def test_item_tokens_make_each_label_digit_pair_one_token():
-    from twlib.tasks import generate
-
-    tok = build_tokenizer(item_tokens=True)
-    assert len(tok) == 268 + 260
-    p = generate("groupsum", 1, seed=3)[0]
-    for text in (p.question, p.sequential, p.parallel):
-        ids = tok.encode(text, add_special_tokens=False)
-        assert tok.decode(ids, skip_special_tokens=False) == text
-    pieces = [tok.decode([i]) for i in tok.encode("A:j3k1 B:a4\nk1:3+1=4", add_special_tokens=False)]
-    assert pieces == ["A", ":", "j3", "k1", " ", "B", ":", "a4", "\n", "k1", ":", "3", "+", "1", "=", "4"]
-    # ids of the plain layout are unchanged (tags, bytes), so both tokenizers agree outside items
-    plain = build_tokenizer()
-    assert tok.encode("<Thread>\n1:", add_special_tokens=False) == plain.encode("<Thread>\n1:", add_special_tokens=False)

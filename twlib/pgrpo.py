@@ -47,28 +47,29 @@ import argparse
 import copy
 import csv
 import json
-import math
 import os
 import random
 import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, get_type_hints
+from typing import Callable, Sequence
 
 import torch
 
 from twlib.decoding import DecodeConfig, DecodeResult, HFEngine, ParallelDecoder, SamplingParams, sequential_decoder
-from twlib.rewards import ACCELERATION_FORMS, Reward, RewardConfig, score
-from twlib.sft import (ConfigError, DTYPES, ATTN_IMPLEMENTATIONS, _coerce, _fork_all_rng, _param_groups,
-                       _save_model, _set_rng_state, apply_overrides,
-                       get_task_config, load_base_model, load_checkpoint_state, load_config, load_tokenizer,
-                       resolve_runtime, save_config)
+from twlib.rewards import Reward, score
+from twlib.checkpoint import (find_checkpoint, fork_rng, load_base_model, load_checkpoint_state, load_tokenizer,
+                              resolve_runtime, save_checkpoint, save_model, set_rng_state, truncate_metrics)
+from twlib.config import PACKINGS, ConfigError, PGRPOConfig, load_pgrpo_config, save_config
+from twlib.plan import add_dry_run_argument, print_dry_run
+from twlib.sft import param_groups
+from twlib.train.data import load_problems
+from twlib.tokenizer import require_single_token_tags
 from twlib.trie import PackedTrie, collate, logprobs, pack
 
-PACKINGS = ("group", "trajectory", "call")
 TRUNCATION_FLAGS = ("truncated", "token_budget", "thread_unclosed", "context_overflow", "iteration_cap")
 METRICS_FIELDS = ["step", "reward", "reward_std", "zero_std_groups", "accuracy", "parallel_rate", "eta",
                   "speedup", "critical_path", "total_tokens", "truncation_rate", "invalid_rate", "loss",
@@ -247,144 +248,12 @@ def batch_logprobs(model, batch: PolicyBatch, mask_kind: str = "bool") -> torch.
 # Configuration
 
 
-@dataclass
-class PGRPOConfig:
-    """Everything a P-GRPO run needs; YAML keys are the field names.
-
-    model              an SFT checkpoint directory (e.g. assets/checkpoints/tiny-parallel) or a preset
-    mode               "parallel" (P-GRPO with the state machine) | "sequential" (GRPO, one call per rollout)
-    task, n_train, n_eval, data_seed, task_options   the prompt pool: train split of make_splits (the eval
-                       split is the same held-out set as SFT's)
-    data               a Parquet of Problems (`twlib.tasks.save_parquet`: prompt + answer) as the prompt pool
-                       instead (its first n_train); `task` then only names the grader: "groupsum",
-                       "multiply" or "math" (math-verify, for the paper's math prompts)
-    prompts_per_step, rollouts_per_prompt, steps
-    temperature, top_p, max_new_tokens, max_thread_tokens, rollout_batch (problems decoded together)
-    acceleration, rho, rho_clip, incorrect_reward   the reward (twlib.rewards; paper form by default)
-    std_normalize      divide advantages by the group's std (the paper's ablation; off by default)
-    updates_per_batch  1 = on-policy (reference); > 1 turns on PPO clipping with clip_low / clip_high
-    kl_coef            > 0 adds a k3 KL penalty to the frozen starting model (reference: 0)
-    skip_idle_steps    no optimizer step when every advantage of the step is 0 (every group's rewards are
-                       equal) and kl_coef is 0. The gradient is then exactly 0, yet AdamW would still move the
-                       weights by its momentum: measured here from the 33% tiny model at lr 1e-3, the parallel
-                       ratio fell from 0.41 to 0.02 over steps with zero gradient. Off by default (the
-                       reference steps anyway); the step's metrics row shows loss 0 and grad_norm 0.
-    lr, warmup (fraction of steps, then constant), weight_decay, betas, grad_clip
-    packing            "group" | "trajectory" | "call" (see the module docstring); tokens_per_batch: row budget
-    seed, device, threads, dtype, attn, checkpoint_every, resume, out_dir, log_every, progress
-    """
-
-    model: str = "assets/checkpoints/tiny-parallel"
-    mode: str = "parallel"
-    task: str = "groupsum"
-    data: str | None = None
-    n_train: int = 2000
-    n_eval: int = 500
-    data_seed: int = 0
-    task_options: dict = field(default_factory=dict)
-    prompts_per_step: int = 8
-    rollouts_per_prompt: int = 8
-    steps: int = 50
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    max_thread_tokens: int = 256
-    rollout_batch: int = 64
-    acceleration: str = "paper"
-    rho: float = 0.5
-    rho_clip: float = 0.2
-    incorrect_reward: float = 0.0
-    std_normalize: bool = False
-    updates_per_batch: int = 1
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    kl_coef: float = 0.0
-    skip_idle_steps: bool = False
-    lr: float = 1e-4
-    warmup: float = 0.0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    packing: str = "group"
-    tokens_per_batch: int = 8192
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    dtype: str = "auto"
-    attn: str = "auto"
-    autocast: bool = False
-    checkpoint_every: int = 10
-    resume: bool = False
-    out_dir: str = "runs/pgrpo"
-    log_every: int = 1
-    progress: bool | None = None
-    # callable(text, answer, stats) -> twlib.rewards.Reward, replacing `score` (set in Python, never in YAML)
-    reward_fn: Callable | None = field(default=None, repr=False, compare=False, metadata={"yaml": False})
-
-    def validate(self, source: str = "config") -> "PGRPOConfig":
-        hints = get_type_hints(PGRPOConfig)
-        for f in fields(self):
-            if f.metadata.get("yaml", True):
-                setattr(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name), source))
-
-        def bad(name, why):
-            raise ConfigError(f"{source}: field {name!r}: {why} (got {getattr(self, name)!r})")
-
-        for name, options in (("mode", ("parallel", "sequential")), ("acceleration", ACCELERATION_FORMS),
-                              ("packing", PACKINGS), ("dtype", ("auto", *DTYPES)), ("attn", ATTN_IMPLEMENTATIONS)):
-            if getattr(self, name) not in options:
-                bad(name, f"expected one of {', '.join(map(repr, options))}")
-        from twlib.tasks import TASKS
-
-        if self.data is None and self.task not in TASKS:
-            bad("task", f"unknown task; known: {', '.join(sorted(TASKS))} (or 'math' with a `data` file)")
-        if self.data is not None and self.task not in (*TASKS, "math"):
-            bad("task", f"unknown grader; known: {', '.join(sorted(TASKS))}, 'math'")
-        for name in ("n_train", "prompts_per_step", "rollouts_per_prompt", "steps", "max_new_tokens",
-                     "max_thread_tokens", "rollout_batch", "updates_per_batch", "tokens_per_batch", "log_every"):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
-        if self.rollouts_per_prompt < 2:
-            bad("rollouts_per_prompt", "GRPO needs >= 2 rollouts per prompt (advantages are centred per group)")
-        if not self.temperature > 0:
-            bad("temperature", "must be > 0 (rollouts are sampled; greedy rollouts would all be equal)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        if not 0 <= self.warmup < 1:
-            bad("warmup", "must be a fraction of the steps in [0, 1)")
-        for name in ("clip_low", "clip_high", "kl_coef", "weight_decay", "rho", "rho_clip", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
-        if self.threads is not None and self.threads < 1:
-            bad("threads", "must be >= 1 or null")
-        if self.reward_fn is not None and not callable(self.reward_fn):
-            bad("reward_fn", "expected a callable(text, answer, stats) -> Reward")
-        return self
-
-    def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else copy.deepcopy(v))
-                for f in fields(self) if f.metadata.get("yaml", True)}
-
-    @property
-    def reward(self) -> RewardConfig:
-        return RewardConfig(task=self.task, acceleration=self.acceleration, rho=self.rho, rho_clip=self.rho_clip,
-                            incorrect_reward=self.incorrect_reward)
-
-
-def load_pgrpo_config(path=None, overrides: Sequence[str] = ()) -> PGRPOConfig:
-    return load_config(path, overrides, cls=PGRPOConfig)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Rollouts
 
 
 def prompt_pool(config: PGRPOConfig, source: str | None = None) -> list:
     """The prompts: the first n_train of `data`, or the train split of the generated task (as SFT's)."""
-    from twlib.sft import load_problems
-
     return load_problems(config, source)
 
 
@@ -523,7 +392,7 @@ def update(model, optimizer, batch: PolicyBatch, config: PGRPOConfig, mask_kind:
 def make_optimizer(model, config: PGRPOConfig):
     """AdamW (no decay on embeddings and 1-d parameters) and the schedule: linear warm-up over
     `warmup` x steps, then constant. Shared with twlib.distributed_pgrpo (where `model` is the FSDP root)."""
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                   betas=tuple(config.betas))
     warmup_steps = round(config.warmup * config.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -543,20 +412,8 @@ def step_line(row: dict, steps: int) -> str:
 # Checkpoints
 
 
-# The SFT trainer's atomic checkpoints (temporary directory + renames) hold the same things here: model,
-# optimizer, scheduler, RNG states, trainer state and the config (`train_config.yaml`).
-from twlib.sft import find_checkpoint as _find, save_checkpoint as _save  # noqa: E402
-
-
-def _truncate_metrics(path: Path, upto_step: int) -> None:
-    if not path.exists():
-        return
-    with path.open() as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto_step]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+def _truncate_metrics(path: Path, upto_step: int) -> None:  # twlib.distributed_pgrpo's name (issue 14: goes with its move)
+    truncate_metrics(path, upto_step, METRICS_FIELDS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -602,11 +459,9 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
         if not quiet:
             tqdm.write(message) if progress else print(message, flush=True)
 
-    checkpoint = _find(out_dir) if config.resume else None
+    checkpoint = find_checkpoint(out_dir) if config.resume else None
     tokenizer = load_tokenizer(config.model)
     if config.mode == "parallel":  # every tag one token, else an error naming `python -m twlib prepare-model`
-        from twlib.tokenizer import require_single_token_tags
-
         require_single_token_tags(tokenizer, config.model)
     model = load_base_model(str(checkpoint / "model") if checkpoint else config.model, tokenizer, config.seed, rt)
     ref_model = None
@@ -620,7 +475,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
         state = load_checkpoint_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         start = int(state["trainer"]["step"])
         log(f"resumed from {checkpoint} at step {start}")
     else:
@@ -629,7 +484,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
     metrics_path = out_dir / "metrics.csv"
     if start == 0 and metrics_path.exists():
         metrics_path.unlink()
-    _truncate_metrics(metrics_path, start)
+    truncate_metrics(metrics_path, start, METRICS_FIELDS)
     log(f"pgrpo: mode={config.mode} model={config.model} {config.prompts_per_step} prompts x "
         f"{config.rollouts_per_prompt} rollouts, {config.steps} steps, packing={config.packing}, "
         f"reward={config.acceleration} std_normalize={config.std_normalize} device={rt.device}")
@@ -644,7 +499,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
             t0 = time.perf_counter()
             problems = step_prompts(pool, config, step)
             model.eval()
-            with _fork_all_rng():
+            with fork_rng():
                 rollouts = collect_rollouts(model, tokenizer, problems, config, step)
             t1 = time.perf_counter()
             model.train()
@@ -667,7 +522,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
                 log(step_line(row, config.steps))
             done = step + 1
             if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
-                _save(out_dir, model, tokenizer, optimizer, scheduler, {"step": done}, config)
+                save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, {"step": done}, config)
             if on_step is not None:
                 on_step(done, row)
     bar.close()
@@ -675,7 +530,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
     tmp = out_dir / ".final.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    _save_model(model, tokenizer, tmp)
+    save_model(model, tokenizer, tmp)
     save_config(config, tmp / "pgrpo_config.yaml")
     if final_dir.exists():
         shutil.rmtree(final_dir)
@@ -697,15 +552,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of PGRPOConfig fields (configs/tiny-pgrpo.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     parser.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint")
-    from twlib.plan import add_dry_run_argument
-
     return add_dry_run_argument(parser)
 
 
 def main_args(args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False):
-        from twlib.plan import print_dry_run
-
         if args.config is None:
             print("error: --dry-run needs --config", file=sys.stderr)
             return 2

@@ -64,9 +64,9 @@ hidden behind compute, checkpoint saving, evaluation, data loading, the GPT-5 re
 SFT samples, and failed or repeated runs. The self-training decode (53k prompts, spec section 7) IS
 counted, as its own row.
 
-The dry run (`dry_run(path)`) validates a twlib.sft YAML config with `twlib.sft.load_config`, reads an
-optional `# launcher:` block of YAML comments in the same file (settings a multi-GPU launcher needs and
-SFTConfig does not have: GPUs, sharding, offload, gradient checkpointing, logits mode), builds the model
+The dry run (`dry_run(path)`) validates a trainer's YAML config with `twlib.config.load_config`, takes its
+`launch:` section (twlib.config.LaunchConfig: GPUs, sharding, offload, gradient checkpointing, logits
+mode; the same settings the FSDP2 run applies), builds the model
 on the meta device, and prints the sharding plan and the memory estimate. A config error names the field
 and exits with code 2.
 """
@@ -77,17 +77,16 @@ import argparse
 import dataclasses
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from twlib.config import (LOGITS_ALIASES, LOGITS_MODES, SHARDINGS, ConfigError, DataError, LaunchConfig, load_config,
+                          load_pgrpo_config, read_launch)
+
 GIB = 2**30
 BLOCK = 128  # FlexAttention's default block size (tokens) of a BlockMask
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SHARDINGS = ("none", "fsdp", "zero3")
-LOGITS_MODES = ("full", "kept", "chunked")
-LOGITS_ALIASES = {"twlib": "kept"}  # the name `kept` had while twlib.trie.logprobs kept the logits
 ATTNS = ("flex_attention", "sdpa", "eager")
 
 
@@ -428,8 +427,9 @@ SCHEDULES: dict[str, Schedule] = {
 HARDWARE: dict[str, tuple[PlanConfig, str]] = {
     # 8 x H100 80 GB, Qwen3-8B full fine-tune, the reference's ZeRO-3 + CPU offload + checkpointing.
     "paper": (PlanConfig(), "paper"),
-    # One 24 GB GPU, Qwen3-0.6B full fine-tune with twlib.sft as it is today (no gradient checkpointing,
-    # LM-head chunks recomputed by twlib.trie.logprobs), rows of 2,048 tokens (~5 multiply trajectories).
+    # One 24 GB GPU, Qwen3-0.6B full fine-tune with twlib.sft, gradient checkpointing off (its
+    # `gradient_checkpointing` field turns it on), LM-head chunks recomputed by twlib.trie.logprobs, rows of
+    # 2,048 tokens (~5 multiply trajectories).
     "small-gpu": (PlanConfig(model="Qwen3-0.6B", gpu="a10-24gb", gpus=1, gpus_per_node=1, tokens=2048,
                              precision="fp32-autocast", sharding="none", offload_optimizer=False,
                              checkpointing=False, logits="chunked", context=8192 + 60), "multiply"),
@@ -823,70 +823,19 @@ def make_plan(config: PlanConfig | None = None, throughput: Throughput | None = 
 # Dry run of a twlib.sft config
 
 
-@dataclass
-class LauncherConfig:
-    """Settings of a `# launcher:` comment block in a config (what SFTConfig itself lacks)."""
-
-    gpus: int = 1
-    gpu: str = "h100-80gb"
-    sharding: str = "none"  # none | fsdp | zero3
-    offload_optimizer: bool = False
-    gradient_checkpointing: bool = False  # twlib.sft has none yet: the launcher must enable it
-    logits: str = "chunked"  # full | kept | chunked (twlib.trie.logprobs recomputes chunks; twlib = kept)
-    logits_chunk: int = 4096
-    precision: str | None = None  # None: from SFTConfig dtype / autocast
-    overhead_gib: float = 1.0
+def read_launcher(path) -> LaunchConfig:
+    """The `launch:` section of a trainer config file (twlib.config.LaunchConfig), checked (`check_launch`)."""
+    return check_launch(read_launch(path), path)
 
 
-def read_launcher(path) -> LauncherConfig:
-    """Parse the `# launcher:` block: a line `# launcher:` followed by indented `#   key: value` lines.
-
-    They are YAML comments, so `twlib.sft.load_config` (which refuses unknown keys) ignores them.
-    """
-    import yaml
-
-    from twlib.sft import ConfigError, _coerce
-
-    lines = Path(path).read_text().splitlines()
-    body, inside = [], False
-    for line in lines:
-        if re.match(r"^#\s*launcher:\s*(#.*)?$", line):
-            inside = True
-            continue
-        if inside:
-            m = re.match(r"^#(\s{2,}\S.*)$", line)
-            if not m:
-                break
-            body.append(m.group(1))
-    launcher = LauncherConfig()
-    if not inside:
-        return launcher
-    try:
-        raw = yaml.safe_load("\n".join(body)) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: the '# launcher:' block is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the '# launcher:' block must be a mapping of key: value")
-    from typing import get_type_hints
-
-    hints = get_type_hints(LauncherConfig)
-    for key, value in raw.items():
-        if key not in hints:
-            raise ConfigError(f"{path}: launcher field {key!r} is unknown; valid: {', '.join(hints)}")
-        setattr(launcher, key, _coerce(key, hints[key], value, f"{path} (launcher)"))
-    launcher.logits = LOGITS_ALIASES.get(launcher.logits, launcher.logits)
-    checks = {"gpu": GPUS, "sharding": SHARDINGS, "logits": LOGITS_MODES}
-    for key, options in checks.items():
-        if getattr(launcher, key) not in options:
-            raise ConfigError(f"{path}: launcher field {key!r}: expected one of {', '.join(options)} "
-                              f"(got {getattr(launcher, key)!r})")
-    if launcher.precision is not None and launcher.precision not in PRECISIONS:
-        raise ConfigError(f"{path}: launcher field 'precision': expected one of {', '.join(PRECISIONS)} "
-                          f"(got {launcher.precision!r})")
-    for key in ("gpus", "logits_chunk"):
-        if getattr(launcher, key) < 1:
-            raise ConfigError(f"{path}: launcher field {key!r}: must be >= 1 (got {getattr(launcher, key)!r})")
-    return launcher
+def check_launch(launch: LaunchConfig, path) -> LaunchConfig:
+    """`launch` with its GPU and precision names checked against this module's tables (ConfigError)."""
+    if launch.gpu not in GPUS:
+        raise ConfigError(f"{path} (launch): field 'gpu': expected one of {', '.join(GPUS)} (got {launch.gpu!r})")
+    if launch.precision is not None and launch.precision not in PRECISIONS:
+        raise ConfigError(f"{path} (launch): field 'precision': expected one of {', '.join(PRECISIONS)} "
+                          f"(got {launch.precision!r})")
+    return launch
 
 
 def resolve_model(model: str):
@@ -898,7 +847,6 @@ def resolve_model(model: str):
     (`models/qwen3-tiny` -> REAL_TOKENIZER_PRESETS['qwen3-tiny']).
     """
     from twlib.models import PRESETS as TINY, QWEN3_CONFIGS, REAL_TOKENIZER_PRESETS, meta_model
-    from twlib.sft import ConfigError
 
     if model in TINY:
         return meta_model(model), model_shape(model), f"preset {model!r}"
@@ -957,7 +905,7 @@ def sharding_units(model) -> list[tuple[str, int]]:
     return units
 
 
-def plan_config_of(cfg, launcher: LauncherConfig, shape: ModelShape) -> PlanConfig:
+def plan_config_of(cfg, launcher: LaunchConfig, shape: ModelShape) -> PlanConfig:
     """The PlanConfig of an SFTConfig plus its launcher block (attn auto = flex_attention on CUDA)."""
     return PlanConfig(
         model=shape.name, gpu=launcher.gpu, gpus=launcher.gpus, gpus_per_node=min(launcher.gpus, 8),
@@ -1019,23 +967,20 @@ def _memory_lines(m: Memory) -> list[str]:
     return lines
 
 
-def _notes(cfg, launcher: LauncherConfig, plan: Plan) -> list[str]:
+def _notes(cfg, launcher: LaunchConfig, plan: Plan) -> list[str]:
     notes = []
     if cfg.data is not None and not Path(cfg.data).is_file():
         notes.append(f"data file {cfg.data} does not exist yet (needed before training)")
-    if launcher.gradient_checkpointing and not getattr(cfg, "gradient_checkpointing", False):
-        notes.append("the plan assumes activation checkpointing: set `gradient_checkpointing: true` in the "
-                     "config (or `--gradient-checkpointing` for twlib.distributed)")
     if launcher.logits != "chunked":
         chunked = make_plan(dataclasses.replace(plan.config, logits="chunked"), schedule=plan.schedule,
                             shape=plan.shape)
         notes.append(f"logits {launcher.logits!r} plans for the LM head's logits kept for the backward "
-                     f"(twlib.distributed --logits kept); twlib.trie.logprobs recomputes each chunk by default "
+                     f"(--logits kept); twlib.trie.logprobs recomputes each chunk by default "
                      f"(--logits chunked): {chunked.memory('SFT').term('LM head') / GIB:.1f} GiB instead of "
                      f"{plan.memory('SFT').term('LM head') / GIB:.1f}, {chunked.memory('SFT').gpu_gib:.1f} GiB "
                      f"per GPU in all")
     if launcher.gpus > 1 or launcher.sharding != "none":
-        notes.append(f"multi-GPU: torchrun --nproc_per_node {launcher.gpus} -m twlib.distributed --config CONFIG "
+        notes.append(f"multi-GPU: torchrun --nproc_per_node {launcher.gpus} -m twlib.sft --config CONFIG "
                      "(FSDP2 over the same rows and loss as twlib.sft; see docs/full_scale.md)")
     return ["\nnotes:", *(f"  - {n}" for n in notes)] if notes else []
 
@@ -1053,14 +998,10 @@ def _is_pgrpo_config(config_path) -> bool:
 
 def _pgrpo_dry_run(config_path, overrides=()) -> tuple[str, Plan]:
     """Validate a P-GRPO config, build its model on the meta device, and plan its RL phases."""
-    from twlib.models import count_parameters
-    from twlib.pgrpo import load_pgrpo_config
-
-    from twlib.models import QWEN3_CONFIGS, REAL_TOKENIZER_PRESETS
-    from twlib.sft import ConfigError
+    from twlib.models import QWEN3_CONFIGS, REAL_TOKENIZER_PRESETS, count_parameters
 
     cfg = load_pgrpo_config(config_path, overrides)
-    launcher = read_launcher(config_path)
+    launcher = check_launch(cfg.launch, config_path)
     try:
         model, shape, model_note = resolve_model(cfg.model)
     except ConfigError:  # an SFT output directory not trained yet: its size is in its name (runs/qwen3-8b-...)
@@ -1107,12 +1048,11 @@ def dry_run_plan(config_path, overrides=()) -> tuple[str, Plan]:
     """(report, plan) of a twlib.sft or twlib.pgrpo config (with `--set KEY=VALUE` overrides); raises
     ConfigError / FileNotFoundError on a bad one."""
     from twlib.models import count_parameters
-    from twlib.sft import ConfigError, load_config
 
     if _is_pgrpo_config(config_path):
         return _pgrpo_dry_run(config_path, overrides)
     cfg = load_config(config_path, overrides)
-    launcher = read_launcher(config_path)
+    launcher = check_launch(cfg.launch, config_path)
     model, shape, model_note = resolve_model(cfg.model)
     unknown = [t for t in cfg.lora_targets if t not in LORA_TARGETS] if cfg.lora else []
     if unknown:
@@ -1141,7 +1081,6 @@ def add_dry_run_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def print_dry_run(args) -> int:
     """The trainers' `--dry-run`: the report on stdout and 0, or the error on stderr and 2."""
-    from twlib.sft import ConfigError, DataError
 
     try:
         print(dry_run(args.config, list(args.set or [])))
@@ -1210,7 +1149,6 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 
 def main_args(args: argparse.Namespace) -> int:
     """Run from parsed arguments (for `twlib.cli`); a bad config or value prints and returns 2."""
-    from twlib.sft import ConfigError
 
     try:
         if args.dry_run:

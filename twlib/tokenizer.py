@@ -22,11 +22,6 @@ Design choices:
   Byte b always has id `n_special + b` (bytes sorted by value), so the relative order of
   the byte ids is the same in both layouts. add_thread_tokens() on the with_tags=False
   tokenizer appends the tags at 258..267 (the usual "extend a pretrained vocab" path).
-- `item_tokens=True` adds 260 merges, one per lowercase letter + digit (`k1`), at ids 268..527: an item
-  of the tiny task (`label digit`) is then ONE token, so looking a label's digit up in the question is a
-  single associative attention hop instead of an induction circuit (find the label, copy the token after
-  it), which a 0.43M model learns far more slowly (see the README's diagnosis). Letters and digits stay
-  single tokens everywhere else; decode(encode(s)) == s still holds.
 - No post-processor: encode() adds no BOS/EOS, like Qwen3. Callers append eos themselves.
 - The tags are *special*, so decode(..., skip_special_tokens=True) removes them: decode
   trajectories with skip_special_tokens=False.
@@ -83,25 +78,15 @@ def special_tokens(with_tags: bool = True) -> list[str]:
     return [PAD_TOKEN, EOS_TOKEN, *(TAGS if with_tags else ())]
 
 
-ITEM_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def build_tokenizer(with_tags: bool = True, item_tokens: bool = False) -> PreTrainedTokenizerFast:
-    """Build the byte-level tokenizer (see the module docstring for the id layout and `item_tokens`)."""
+def build_tokenizer(with_tags: bool = True) -> PreTrainedTokenizerFast:
+    """Build the byte-level tokenizer (see the module docstring for the id layout)."""
     specials = special_tokens(with_tags)
     vocab = {token: i for i, token in enumerate(specials)}
     byte_chars = bytes_to_unicode()
     for b in range(256):
         vocab[byte_chars[b]] = len(vocab)
-    merges = []
-    if item_tokens:  # `k1` -> one token (ids after the bytes, so every other id is unchanged)
-        for letter in ITEM_LETTERS:
-            for digit in "0123456789":
-                vocab[letter + digit] = len(vocab)
-                merges.append((letter, digit))
-
-    # A BPE over the byte alphabet with no merges (or only the item merges): every byte stays one token.
-    core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    # A BPE over the byte alphabet with no merges: every byte stays one token.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     # use_regex=False: no GPT-2 word splitting, we want raw bytes; no prefix space,
     # so encode("1+2") does not silently become " 1+2".
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
