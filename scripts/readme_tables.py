@@ -125,8 +125,56 @@ def arc_table() -> str:
     return "\n".join(lines)
 
 
+NOTEBOOK_TOPICS = {  # what a learner does in each notebook (words, no numbers)
+    "00_overview": "the map: the idea, the format, the paper's numbers, the tiny task",
+    "01_trajectory_format": "parse the format, derive the engine calls and the critical path",
+    "02_trie_masking": "pack calls into a trie, derive the masks, prove exactness, explore the mask",
+    "03_state_machine_decoding": "decode with the 5-phase state machine by hand, KV forking",
+    "04_data_generation": "rewrite sequential traces into parallel ones, self-training",
+    "05_trie_sft": "train with trie SFT",
+    "06_pgrpo": "rewards, advantages and a short P-GRPO run",
+    "07_evaluation": "measure: token latency, wall clock, speed-ups, the claims",
+    "08_full_scale_qwen3_8b": "the full-scale recipe, command by command",
+}
+
+
+def notebook_needs(path: Path) -> str:
+    """What a notebook reads besides the library, from its code cells (shipped checkpoints, results)."""
+    nb = json.loads(path.read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    needs = []
+    if "checkpoints" in code:
+        needs.append("shipped checkpoints")
+    if re.search(r"assets\W+(results|pgrpo|arc|paper)", code):
+        needs.append("shipped results")
+    return ", ".join(needs) or "the library only"
+
+
+def notebooks_table() -> str:
+    times = {}
+    path = ROOT / "assets" / "notebook_times.csv"
+    if path.is_file():
+        times = {(r["notebook"], r["config"]): r for r in read_csv(path)}
+    cores = sorted({r["cpu_cores"] for r in times.values()})
+    lines = [f"| notebook | what you do | runs in (small config) | runs in (full config) | needs |",
+             "|---|---|---|---|---|"]
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        cells = []
+        for config in ("small", "full"):
+            r = times.get((nb.stem, config))
+            cells.append(f"{float(r['seconds']):.0f} s" if r else "not measured")
+        lines.append(f"| `{nb.name}` | {NOTEBOOK_TOPICS.get(nb.stem, '')} | {cells[0]} | {cells[1]} | "
+                     f"{notebook_needs(nb)} |")
+    if cores:
+        lines.append("")
+        lines.append(f"Times: `scripts/run_notebooks.py --times assets/notebook_times.csv` on a "
+                     f"{'/'.join(cores)}-core CPU machine, kernel start included.")
+    return "\n".join(lines)
+
+
 TABLES = {"main": main_table, "arc": arc_table, "claims": claims_table, "timing": timing_line, "seeds": seeds_table,
-          "pgrpo": pgrpo_table, "probe": probe_table}
+          "pgrpo": pgrpo_table, "probe": probe_table,
+          "notebooks": notebooks_table}
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
 

@@ -3,6 +3,7 @@
     python scripts/run_notebooks.py                      # every notebook, full configuration
     python scripts/run_notebooks.py --small 03 05        # TWLAB_SMALL=1 (CPU minutes), notebooks 03 and 05
     python scripts/run_notebooks.py --out executed/ 07   # keep the executed copy (outputs included)
+    python scripts/run_notebooks.py --small --times assets/notebook_times.csv   # record each time (README)
 
 Teachers can run it before a lab to check that every notebook runs on the class machines.
 
@@ -16,11 +17,16 @@ Design choices
   with SIGSEGV when it fired during a kernel start, so the dump is on request only.)
 - A cell error prints the cell number and the error's name and value; the exit status is 1. A cell past
   its timeout, or a kernel that died, exits with 3 (HUNG), so a caller can tell a hang from a failure.
+- `--times CSV` records each notebook that ran cleanly: its wall time from kernel start to shutdown, the
+  configuration and the machine's CPU count; a notebook's row for that configuration is replaced, the
+  others are kept. README's notebook table is rendered from that file (scripts/readme_tables.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime
 import faulthandler
 import os
 import signal
@@ -95,19 +101,48 @@ def execute(path: Path, cell_timeout: int, out: Path | None = None) -> str:
     return status
 
 
+TIME_FIELDS = ("notebook", "config", "seconds", "cpu_cores", "measured")
+
+
+def record_times(path: Path, seconds: dict[str, float], config: str) -> None:
+    """Write each notebook's time into the CSV at `path`, replacing its earlier row for `config`."""
+    rows = []
+    if path.is_file():
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if not (r["config"] == config and r["notebook"] in seconds)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    rows += [{"notebook": name, "config": config, "seconds": f"{s:.1f}", "cpu_cores": cores, "measured": today}
+             for name, s in seconds.items()]
+    rows.sort(key=lambda r: (r["notebook"], r["config"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, TIME_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="*", help="paths, stems or numbers (default: every notebook)")
     parser.add_argument("--small", action="store_true", help="TWLAB_SMALL=1: the small CPU configuration")
     parser.add_argument("--out", type=Path, help="folder for the executed copies")
     parser.add_argument("--cell-timeout", type=int, default=900, help="seconds one cell may run (900)")
+    parser.add_argument("--times", type=Path, help="CSV to record each clean run's wall time in")
     args = parser.parse_args(argv)
     paths = find(args.notebooks)
     if args.small:
         os.environ["TWLAB_SMALL"] = "1"
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is it stuck?
-    results = {p.stem: execute(p, args.cell_timeout, args.out / p.name if args.out else None) for p in paths}
+    results, seconds = {}, {}
+    for p in paths:
+        began = time.perf_counter()
+        results[p.stem] = execute(p, args.cell_timeout, args.out / p.name if args.out else None)
+        if results[p.stem] == "ok":
+            seconds[p.stem] = time.perf_counter() - began
+    if args.times and seconds:
+        record_times(args.times, seconds, "small" if args.small else "full")
     failed = [name for name, status in results.items() if status != "ok"]
     if failed:
         log(f"failed: {', '.join(failed)}")

@@ -146,3 +146,16 @@ def test_a_hung_notebook_ends_its_attempt_and_says_where(tmp_path):
     assert "hang: cell 0 done" in str(failure.value) and "hang: cell 1 (2/2 code) started" in str(failure.value)
     assert "hang: cell 1 done" not in str(failure.value)
     assert "most recent call first" in str(failure.value)   # the runner's stacks, dumped before the kill
+
+
+def test_the_runner_records_times_per_notebook_and_configuration(tmp_path):
+    import csv
+
+    runner = _runner_module()
+    path = tmp_path / "times.csv"
+    runner.record_times(path, {"01_a": 3.14, "02_b": 20.0}, "small")
+    runner.record_times(path, {"01_a": 60.0}, "full")
+    runner.record_times(path, {"01_a": 2.5}, "small")   # replaces 01_a's small row, keeps the rest
+    with path.open() as f:
+        rows = {(r["notebook"], r["config"]): r["seconds"] for r in csv.DictReader(f)}
+    assert rows == {("01_a", "small"): "2.5", ("01_a", "full"): "60.0", ("02_b", "small"): "20.0"}

@@ -25,3 +25,22 @@ def test_a_changed_number_is_caught():
     start = readme.index("<!-- table:main -->")
     tampered = readme[:start] + readme[start:].replace("%", "0%", 1)
     assert tables.render(tampered) != tampered
+
+
+def test_the_notebook_table_reads_measured_times():
+    """README's notebook table comes from assets/notebook_times.csv, written by scripts/run_notebooks.py --times;
+    every small-configuration time fits CI's three minutes per notebook."""
+    import csv
+
+    assert "<!-- table:notebooks -->" in (ROOT / "README.md").read_text()
+    with (ROOT / "assets" / "notebook_times.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    stems = {p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    assert rows, "assets/notebook_times.csv is empty"
+    for r in rows:
+        assert r["notebook"] in stems, f"assets/notebook_times.csv: no notebook {r['notebook']}"
+        assert r["config"] in ("small", "full"), f"assets/notebook_times.csv: config {r['config']!r}"
+        assert float(r["seconds"]) > 0
+        if r["config"] == "small":
+            assert float(r["seconds"]) < 180, f"{r['notebook']} took {r['seconds']} s in the small configuration"
+    assert {r["notebook"] for r in rows if r["config"] == "small"} >= {s for s in stems if s[:2] <= "04"}
