@@ -357,7 +357,9 @@ def test_mask_explorer_in_jupyterlab(chromium, jupyterlab, page):
         # ancestors are unchanged: what the causal mask adds is exactly the orange boxes
         assert seen_boxes(causal) == trie["sees"], (causal, trie)
         assert causal["sees"] == trie["sees"] + causal["leaked"], (causal, trie)
-        assert causal["boxes"] == trie["boxes"]
+        assert causal["boxes"] == trie["boxes"] == last + 1, "one box per node of the row"
+        # a causal mask shows the row's last node every token before it: nothing is left hidden
+        assert causal["sees"] == last + 1 and causal["hidden_boxes"] == 0, causal
         legend = page.evaluate(f"() => [...document.querySelectorAll('{EXPLORER} .legendtext')].map(e => e.textContent)")
         assert any("LEAKED" in t for t in legend), legend
         pageerrors = [m for m in page.console if m.startswith("[pageerror]")]
