@@ -264,8 +264,8 @@ LAZY = {
 }
 # Commands whose whole argument parsing belongs to another module's main(argv).
 FORWARDED = {
-    "rewrite": ("data generation stage 1: rewrite sequential traces with a strong model", "twlib.infra.rewrite"),
-    "arc": ("data generation arc: seed SFT, self-training, second SFT (twlib.infra.arc)", "twlib.infra.rewrite"),
+    "rewrite": ("data generation stage 1: rewrite sequential traces with a strong model", "twlib.datagen"),
+    "arc": ("data generation arc: seed SFT, self-training, second SFT (twlib.datagen)", "twlib.datagen"),
     "serve": ("serve a checkpoint as /v1/completions (teaching stand-in for vLLM; twlib.engines)", "twlib.engines"),
 }
 
