@@ -444,6 +444,54 @@ def train(config: PGRPOConfig, on_step: Callable[[int, dict], None] | None = Non
         torch.set_num_threads(before)
 
 
+def _load_models(config: PGRPOConfig, rt, checkpoint: Path | None):
+    """(tokenizer, policy, frozen reference or None): the policy from the checkpoint when resuming."""
+    tokenizer = load_tokenizer(config.model)
+    if config.mode == "parallel":  # every tag one token, else an error naming `python -m twlib prepare-model`
+        require_single_token_tags(tokenizer, config.model)
+    model = load_base_model(str(checkpoint / "model") if checkpoint else config.model, tokenizer, config.seed, rt)
+    ref_model = None
+    if config.kl_coef > 0:
+        ref_model = load_base_model(config.model, tokenizer, config.seed, rt).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+    return tokenizer, model, ref_model
+
+
+def _step(config: PGRPOConfig, model, ref_model, tokenizer, optimizer, scheduler, pool, step: int,
+          mask_kind: str) -> dict:
+    """One P-GRPO step: the step's prompts, rollouts (RNG forked), the weighted trie batch, one update."""
+    t0 = time.perf_counter()
+    problems = step_prompts(pool, config, step)
+    model.eval()
+    with fork_rng():
+        rollouts = collect_rollouts(model, tokenizer, problems, config, step)
+    t1 = time.perf_counter()
+    model.train()
+    row = {"step": step + 1, **rollout_metrics(rollouts, config.rollouts_per_prompt),
+           "lr": optimizer.param_groups[0]["lr"]}
+    batch = build_batch(rollouts, config.packing, max_tokens=config.tokens_per_batch,
+                        pad_id=tokenizer.pad_token_id or 0)
+    row.update(update(model, optimizer, batch, config, mask_kind, ref_model))
+    step_schedule(scheduler)
+    row.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1, trie_tokens=batch.rows.num_tokens,
+               completion_tokens=batch.n_tokens)
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def _save_final(out_dir: Path, model, tokenizer, config: PGRPOConfig) -> Path:
+    """`out_dir/final`: the model, tokenizer and pgrpo_config.yaml, swapped in by a rename."""
+    final_dir, tmp = out_dir / "final", out_dir / ".final.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(model, tokenizer, tmp)
+    save_config(config, tmp / "pgrpo_config.yaml")
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)
+    return final_dir
+
+
 def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGRPOResult:
     from tqdm.auto import tqdm
 
@@ -460,15 +508,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
             tqdm.write(message) if progress else print(message, flush=True)
 
     checkpoint = find_checkpoint(out_dir) if config.resume else None
-    tokenizer = load_tokenizer(config.model)
-    if config.mode == "parallel":  # every tag one token, else an error naming `python -m twlib prepare-model`
-        require_single_token_tags(tokenizer, config.model)
-    model = load_base_model(str(checkpoint / "model") if checkpoint else config.model, tokenizer, config.seed, rt)
-    ref_model = None
-    if config.kl_coef > 0:
-        ref_model = load_base_model(config.model, tokenizer, config.seed, rt).eval()
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
+    tokenizer, model, ref_model = _load_models(config, rt, checkpoint)
     optimizer, scheduler = make_optimizer(model, config)
     start = 0
     if checkpoint is not None:
@@ -496,22 +536,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
         if metrics_path.stat().st_size == 0:
             writer.writeheader()
         for step in range(start, config.steps):
-            t0 = time.perf_counter()
-            problems = step_prompts(pool, config, step)
-            model.eval()
-            with fork_rng():
-                rollouts = collect_rollouts(model, tokenizer, problems, config, step)
-            t1 = time.perf_counter()
-            model.train()
-            row = {"step": step + 1, **rollout_metrics(rollouts, config.rollouts_per_prompt),
-                   "lr": optimizer.param_groups[0]["lr"]}
-            batch = build_batch(rollouts, config.packing, max_tokens=config.tokens_per_batch,
-                                pad_id=tokenizer.pad_token_id or 0)
-            row.update(update(model, optimizer, batch, config, rt.mask_kind, ref_model))
-            step_schedule(scheduler)
-            row.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1, trie_tokens=batch.rows.num_tokens,
-                       completion_tokens=batch.n_tokens)
-            row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+            row = _step(config, model, ref_model, tokenizer, optimizer, scheduler, pool, step, rt.mask_kind)
             writer.writerow(row)
             f.flush()
             first = first or row
@@ -526,15 +551,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
             if on_step is not None:
                 on_step(done, row)
     bar.close()
-    final_dir = out_dir / "final"
-    tmp = out_dir / ".final.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(model, tokenizer, tmp)
-    save_config(config, tmp / "pgrpo_config.yaml")
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
+    final_dir = _save_final(out_dir, model, tokenizer, config)
     result = PGRPOResult(config.steps, str(final_dir), str(out_dir), time.perf_counter() - wall, first or {},
                          last or {}, model, tokenizer)
     (out_dir / "result.json").write_text(json.dumps(
