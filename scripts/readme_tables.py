@@ -167,8 +167,10 @@ def notebooks_table() -> str:
                      f"{notebook_needs(nb)} |")
     if cores:
         lines.append("")
+        loads = [float(r["load_1min"]) for r in times.values() if r.get("load_1min")]
+        load = f", load average {min(loads):.1f} to {max(loads):.1f} (other work beside it)" if loads else ""
         lines.append(f"Times: `scripts/run_notebooks.py --times assets/notebook_times.csv` on a "
-                     f"{'/'.join(cores)}-core CPU machine, kernel start included.")
+                     f"{'/'.join(cores)}-core CPU machine{load}, kernel start included.")
     return "\n".join(lines)
 
 

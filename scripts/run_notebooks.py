@@ -18,7 +18,7 @@ Design choices
 - A cell error prints the cell number and the error's name and value; the exit status is 1. A cell past
   its timeout, or a kernel that died, exits with 3 (HUNG), so a caller can tell a hang from a failure.
 - `--times CSV` records each notebook that ran cleanly: its wall time from kernel start to shutdown, the
-  configuration and the machine's CPU count; a notebook's row for that configuration is replaced, the
+  configuration, the machine's CPU count and its load average as the run ended (other work slows a run); a notebook's row for that configuration is replaced, the
   others are kept. README's notebook table is rendered from that file (scripts/readme_tables.py).
 """
 
@@ -101,10 +101,15 @@ def execute(path: Path, cell_timeout: int, out: Path | None = None) -> str:
     return status
 
 
-TIME_FIELDS = ("notebook", "config", "seconds", "cpu_cores", "measured")
+TIME_FIELDS = ("notebook", "config", "seconds", "cpu_cores", "load_1min", "measured")
 
 
-def record_times(path: Path, seconds: dict[str, float], config: str) -> None:
+def load_average() -> str:
+    """The 1-minute load average now ("" where the system has none): other work slows a run."""
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+
+
+def record_times(path: Path, seconds: dict[str, float], config: str, loads: dict[str, str] | None = None) -> None:
     """Write each notebook's time into the CSV at `path`, replacing its earlier row for `config`."""
     rows = []
     if path.is_file():
@@ -112,7 +117,8 @@ def record_times(path: Path, seconds: dict[str, float], config: str) -> None:
             rows = [r for r in csv.DictReader(f) if not (r["config"] == config and r["notebook"] in seconds)]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    rows += [{"notebook": name, "config": config, "seconds": f"{s:.1f}", "cpu_cores": cores, "measured": today}
+    rows += [{"notebook": name, "config": config, "seconds": f"{s:.1f}", "cpu_cores": cores,
+              "load_1min": (loads or {}).get(name, ""), "measured": today}
              for name, s in seconds.items()]
     rows.sort(key=lambda r: (r["notebook"], r["config"]))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,14 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TWLAB_SMALL"] = "1"
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is it stuck?
-    results, seconds = {}, {}
+    results, seconds, loads = {}, {}, {}
     for p in paths:
         began = time.perf_counter()
         results[p.stem] = execute(p, args.cell_timeout, args.out / p.name if args.out else None)
         if results[p.stem] == "ok":
-            seconds[p.stem] = time.perf_counter() - began
+            seconds[p.stem], loads[p.stem] = time.perf_counter() - began, load_average()
     if args.times and seconds:
-        record_times(args.times, seconds, "small" if args.small else "full")
+        record_times(args.times, seconds, "small" if args.small else "full", loads)
     failed = [name for name, status in results.items() if status != "ok"]
     if failed:
         log(f"failed: {', '.join(failed)}")
