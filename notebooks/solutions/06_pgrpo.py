@@ -34,3 +34,12 @@ print(bonus_3)
 # %% Exercise 4
 count_41, weight_41 = 3, 0.9 - 0.3 - 0.3  # rollouts 0, 1, 2 pass through 41
 count_42, weight_42 = 2, 0.9 - 0.3  # rollouts 0 and 2 wrote the same completion: one node
+
+# %% Exercise 5
+def leave_one_out_advantages(rewards):
+    k = len(rewards)
+    total = sum(rewards)
+    return [r - (total - r) / (k - 1) for r in rewards]   # = k / (k - 1) * (r - mean): the same signs, scaled
+
+
+print(leave_one_out_advantages([1.2, 1.0, 0.0, 0.0]))
