@@ -36,7 +36,7 @@ from twlib.config import DTYPES, ConfigError, save_config
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_OLD", "CHECKPOINT_TMP", "Runtime", "resolve_runtime", "load_tokenizer",
            "load_base_model", "enable_gradient_checkpointing", "wrap_lora", "load_lora_weights", "rng_state",
-           "set_rng_state", "fork_rng", "quiet_hf_bars", "save_model", "swap_into_place", "save_checkpoint",
+           "set_rng_state", "fork_rng", "torch_threads", "quiet_hf_bars", "save_model", "swap_into_place", "save_checkpoint",
            "find_checkpoint", "load_checkpoint_state", "truncate_metrics"]
 
 CHECKPOINT, CHECKPOINT_OLD, CHECKPOINT_TMP = "checkpoint", "checkpoint.old", ".checkpoint.tmp"
@@ -147,6 +147,18 @@ def load_lora_weights(model, path: Path) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"{path}: adapter weights do not fit the model: {unexpected[:3]}")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """`torch.set_num_threads(threads)` inside (None: unchanged); the previous count restored after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ import torch
 from twlib.decoding import DecodeConfig, DecodeResult, HFEngine, ParallelDecoder, SamplingParams, sequential_decoder
 from twlib.rewards import Reward, score
 from twlib.checkpoint import (find_checkpoint, fork_rng, load_base_model, load_checkpoint_state, load_tokenizer,
-                              resolve_runtime, save_checkpoint, save_model, set_rng_state, truncate_metrics)
+                              resolve_runtime, save_checkpoint, save_model, set_rng_state, torch_threads,
+                              truncate_metrics)
 from twlib.config import PACKINGS, ConfigError, PGRPOConfig, load_pgrpo_config, save_config
 from twlib.plan import add_dry_run_argument, print_dry_run
 from twlib.sft import param_groups
@@ -435,13 +436,8 @@ class PGRPOResult:
 def train(config: PGRPOConfig, on_step: Callable[[int, dict], None] | None = None, quiet: bool = False,
           source: str | None = None) -> PGRPOResult:
     """Run P-GRPO (or GRPO for mode="sequential") as configured; `on_step(step, metrics)` after each step."""
-    before = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(int(config.threads))
-    try:
+    with torch_threads(config.threads):
         return _train(config, on_step, quiet, source)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _load_models(config: PGRPOConfig, rt, checkpoint: Path | None):

@@ -81,6 +81,7 @@ import copy
 import csv
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -94,7 +95,7 @@ import torch.distributed as dist
 
 from twlib import distributed as fsdp
 from twlib.checkpoint import (find_checkpoint, fork_rng, load_checkpoint_state, load_tokenizer, resolve_runtime,
-                              truncate_metrics)
+                              torch_threads, truncate_metrics)
 from twlib.config import MODES, ConfigError, DataError, SFTConfig, apply_overrides, load_config, save_config
 from twlib.plan import add_dry_run_argument, print_dry_run
 from twlib.train.data import (build_rows, build_trajectories, epoch_order, eval_problems, fingerprint, get_task_config,
@@ -278,23 +279,20 @@ def train(config: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
     the run there (the tests' interruption). `quiet` silences the console. `config.threads` applies for
     the run only (the previous torch thread count is restored).
     """
-    threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(int(config.threads))
+    config = copy.copy(config)
+    config.validate(source or "config")
+    launch = copy.copy(launch) if launch is not None else fsdp.launch_options(config.launch)
+    if use_fsdp is None:
+        use_fsdp = fsdp.in_torchrun() or dist.is_initialized()
     run = None
-    try:
-        config = copy.copy(config)
-        config.validate(source or "config")
-        launch = copy.copy(launch) if launch is not None else fsdp.launch_options(config.launch)
-        if use_fsdp is None:
-            use_fsdp = fsdp.in_torchrun() or dist.is_initialized()
-        log = _console(config, quiet, lambda: run is None or run.main)
-        run = (FSDPRun if use_fsdp else LocalRun)(config, launch.validate(), source, log)
-        return _train(config, run, on_step, source, log)
-    finally:
-        torch.set_num_threads(threads)
-        if run is not None:
-            run.close()
+    log = _console(config, quiet, lambda: run.main if run is not None else os.environ.get("RANK", "0") == "0")
+    with torch_threads(config.threads):
+        try:
+            run = (FSDPRun if use_fsdp else LocalRun)(config, launch.validate(), source, log)
+            return _train(config, run, on_step, source, log)
+        finally:
+            if run is not None:
+                run.close()
 
 
 def _console(config: SFTConfig, quiet: bool, is_main):
