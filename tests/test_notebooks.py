@@ -39,7 +39,7 @@ def test_committed_notebook_is_clean(path):
 # here) ends its attempt after NOTEBOOK_TIMEOUT seconds (or its cell after cell_timeout) instead of the
 # whole CI run, and the runner's per-cell log says where it stopped. A hung attempt is retried once, with
 # a warning; a cell that raises is not retried.
-NOTEBOOK_TIMEOUT = 300  # the slowest notebook takes 17 s here
+NOTEBOOK_TIMEOUT = 300  # the slowest (05, a live SFT run) takes 80-120 s here, small configuration
 HUNG_BEFORE: list[str] = []  # notebooks that hung on every attempt: later ones get no retry
 RUNNER = Path(__file__).resolve().parent.parent / "scripts" / "run_notebooks.py"
 
