@@ -162,7 +162,8 @@ def notebooks_table() -> str:
         cells = []
         for config in ("small", "full"):
             r = times.get((nb.stem, config))
-            cells.append(f"{float(r['seconds']):.0f} s" if r else "not measured")
+            seconds = float(r["seconds"]) if r else None
+            cells.append("not measured" if r is None else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min")
         lines.append(f"| `{nb.name}` | {NOTEBOOK_TOPICS.get(nb.stem, '')} | {cells[0]} | {cells[1]} | "
                      f"{notebook_needs(nb)} |")
     if cores:
