@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,9 @@ import torch
 from twlib.config import DTYPES, ConfigError, save_config
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_OLD", "CHECKPOINT_TMP", "Runtime", "resolve_runtime", "load_tokenizer",
-           "load_base_model", "enable_gradient_checkpointing", "wrap_lora", "load_lora_weights", "rng_state",
-           "set_rng_state", "fork_rng", "torch_threads", "quiet_hf_bars", "save_model", "swap_into_place", "save_checkpoint",
-           "find_checkpoint", "load_checkpoint_state", "truncate_metrics"]
+           "load_base_model", "enable_gradient_checkpointing", "wrap_lora", "load_lora_weights", "console",
+           "torch_threads", "rng_state", "set_rng_state", "fork_rng", "quiet_hf_bars", "save_model", "swap_into_place",
+           "save_checkpoint", "find_checkpoint", "load_checkpoint_state", "truncate_metrics"]
 
 CHECKPOINT, CHECKPOINT_OLD, CHECKPOINT_TMP = "checkpoint", "checkpoint.old", ".checkpoint.tmp"
 MASK_KIND = {"sdpa": "bool", "eager": "float", "flex_attention": "block"}
@@ -147,6 +148,21 @@ def load_lora_weights(model, path: Path) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"{path}: adapter weights do not fit the model: {unexpected[:3]}")
+
+
+def console(progress: bool | None, quiet: bool = False, is_main=lambda: True):
+    """The trainers' `say(message)`: a console line unless `quiet` or not the main rank; above a tqdm bar
+    when `progress` (None: when stderr is a terminal). `say.progress` tells whether to draw the bar."""
+    from tqdm.auto import tqdm
+
+    progress = progress if progress is not None else sys.stderr.isatty()
+
+    def say(message: str) -> None:
+        if not quiet and is_main():
+            tqdm.write(message) if progress else print(message, flush=True)
+
+    say.progress = progress and not quiet
+    return say
 
 
 @contextlib.contextmanager

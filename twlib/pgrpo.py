@@ -61,9 +61,9 @@ import torch
 
 from twlib.decoding import DecodeConfig, DecodeResult, HFEngine, ParallelDecoder, SamplingParams, sequential_decoder
 from twlib.rewards import Reward, score
-from twlib.checkpoint import (find_checkpoint, fork_rng, load_base_model, load_checkpoint_state, load_tokenizer,
-                              resolve_runtime, save_checkpoint, save_model, set_rng_state, torch_threads,
-                              truncate_metrics)
+from twlib.checkpoint import (console, find_checkpoint, fork_rng, load_base_model, load_checkpoint_state,
+                              load_tokenizer, resolve_runtime, save_checkpoint, save_model, set_rng_state,
+                              torch_threads, truncate_metrics)
 from twlib.config import PACKINGS, ConfigError, PGRPOConfig, load_pgrpo_config, save_config
 from twlib.plan import add_dry_run_argument, print_dry_run
 from twlib.sft import param_groups
@@ -497,12 +497,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
     rt = resolve_runtime(config)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress = config.progress if config.progress is not None else sys.stderr.isatty()
-
-    def log(message: str) -> None:
-        if not quiet:
-            tqdm.write(message) if progress else print(message, flush=True)
-
+    log = console(config.progress, quiet)
     checkpoint = find_checkpoint(out_dir) if config.resume else None
     tokenizer, model, ref_model = _load_models(config, rt, checkpoint)
     optimizer, scheduler = make_optimizer(model, config)
@@ -524,7 +519,7 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
     log(f"pgrpo: mode={config.mode} model={config.model} {config.prompts_per_step} prompts x "
         f"{config.rollouts_per_prompt} rollouts, {config.steps} steps, packing={config.packing}, "
         f"reward={config.acceleration} std_normalize={config.std_normalize} device={rt.device}")
-    bar = tqdm(total=config.steps, initial=start, disable=not progress or quiet, dynamic_ncols=True,
+    bar = tqdm(total=config.steps, initial=start, disable=not log.progress, dynamic_ncols=True,
                desc=f"pgrpo {config.mode}")
     first = last = None
     with metrics_path.open("a", newline="") as f:

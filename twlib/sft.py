@@ -94,7 +94,7 @@ import torch
 import torch.distributed as dist
 
 from twlib import distributed as fsdp
-from twlib.checkpoint import (find_checkpoint, fork_rng, load_checkpoint_state, load_tokenizer, resolve_runtime,
+from twlib.checkpoint import (console, find_checkpoint, fork_rng, load_checkpoint_state, load_tokenizer, resolve_runtime,
                               torch_threads, truncate_metrics)
 from twlib.config import MODES, ConfigError, DataError, SFTConfig, apply_overrides, load_config, save_config
 from twlib.plan import add_dry_run_argument, print_dry_run
@@ -285,7 +285,7 @@ def train(config: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
     if use_fsdp is None:
         use_fsdp = fsdp.in_torchrun() or dist.is_initialized()
     run = None
-    log = _console(config, quiet, lambda: run.main if run is not None else os.environ.get("RANK", "0") == "0")
+    log = console(config.progress, quiet, lambda: run.main if run is not None else os.environ.get("RANK", "0") == "0")
     with torch_threads(config.threads):
         try:
             run = (FSDPRun if use_fsdp else LocalRun)(config, launch.validate(), source, log)
@@ -293,19 +293,6 @@ def train(config: SFTConfig, on_step: Callable[[int, dict], None] | None = None,
         finally:
             if run is not None:
                 run.close()
-
-
-def _console(config: SFTConfig, quiet: bool, is_main):
-    from tqdm.auto import tqdm
-
-    progress = config.progress if config.progress is not None else sys.stderr.isatty()
-
-    def log(message: str) -> None:
-        if not quiet and is_main():
-            tqdm.write(message) if progress else print(message, flush=True)
-
-    log.progress = progress and not quiet
-    return log
 
 
 @dataclass
