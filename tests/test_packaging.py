@@ -192,3 +192,25 @@ def test_readme_names_the_commands():
     for command in ("python3 lab.py demo", "python3 lab.py test", "python3 lab.py lab"):
         assert command in readme
     assert "python3 lab.py test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_gpu_extra_resolves_with_the_dependencies():
+    """requirements/gpu-resolved.txt (pip's resolution of dependencies + the gpu extra, written by
+    scripts/resolve_gpu_extra.py) satisfies every requirement in pyproject.toml and every requirement the
+    pinned vllm declares on shared packages; vllm is pinned to one version, the one resolved."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    gpu = [Requirement(r) for r in project["optional-dependencies"]["gpu"]]
+    vllm = next(r for r in gpu if r.name == "vllm")
+    assert str(vllm.specifier).startswith("=="), f"pin vllm to one version, not {vllm.specifier}"
+    text = (ROOT / "requirements" / "gpu-resolved.txt").read_text().splitlines()
+    resolved = {Requirement(line).name: str(Requirement(line).specifier).removeprefix("==")
+                for line in text if line and not line.startswith("#")}
+    vllm_needs = [Requirement(line.strip("# ")) for line in text if line.startswith("#   ")]
+    assert vllm_needs, "no vllm requirement recorded: rerun scripts/resolve_gpu_extra.py"
+    assert resolved["vllm"] == str(vllm.specifier).removeprefix("=="), "rerun scripts/resolve_gpu_extra.py"
+    for req in [Requirement(r) for r in project["dependencies"]] + gpu + vllm_needs:
+        assert req.name in resolved, f"{req.name} is not in requirements/gpu-resolved.txt: rerun the script"
+        assert req.specifier.contains(resolved[req.name], prereleases=True), \
+            f"{req} does not hold for the resolved {req.name}=={resolved[req.name]}"
