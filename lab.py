@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("TWLAB_VENV", ROOT / ".venv"))
 TORCH_VERSION = "2.13.0"  # environment.yml pins the same (tests/test_packaging.py)
 MIN_PYTHON = (3, 11)  # pyproject.toml's requires-python (tests/test_packaging.py)
-EXTRAS = "notebooks,dev,math"  # pyproject extras installed for the demo, the tests and the notebooks
+EXTRAS = "notebooks,dev,math,tracking"  # pyproject extras installed for the demo, the tests and the notebooks
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
