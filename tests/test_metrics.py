@@ -72,3 +72,17 @@ def test_asking_for_tensorboard_without_the_package_says_what_to_install(tmp_pat
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(ConfigError, match="pip install tensorboard"):
         MetricsLog(tmp_path, FIELDS, tensorboard=True)
+
+
+def test_the_sft_trainer_logs_its_rows_to_tensorboard(tmp_path):
+    """`tensorboard: true` in an SFT run: every metrics.csv row's loss is a TensorBoard scalar at its step."""
+    pytest.importorskip("tensorboard")
+    from test_sft import config
+
+    from twlib.sft import train
+
+    train(config(tmp_path, tensorboard=True), quiet=True)
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert len(rows) == 4
+    assert scalars(tmp_path / "run", "loss") == [(int(r["step"]), round(float(r["loss"]), 6)) for r in rows]
+    assert [s for s, _ in scalars(tmp_path / "run", "lr")] == [1, 2, 3, 4]

@@ -355,6 +355,7 @@ class SFTConfig:
     lora, lora_rank, lora_alpha, lora_dropout, lora_targets   peft LoRA (off: full fine-tuning)
     checkpoint_every steps between checkpoints (0: only at the end); resume: continue from out_dir/checkpoint
     out_dir, log_every (console line every n steps), progress (tqdm bar; null: only on a TTY)
+    tensorboard      also write out_dir/tensorboard event files beside metrics.csv (twlib.metrics; offline)
     eval_every       steps between calls of eval_hook (0: only at the end)
     launch           LaunchConfig: GPUs, sharding, offload, LM-head mode (the planner and the FSDP2 run)
     eval_hook        callable(model, tokenizer, step) -> dict of metrics; set in Python, never in YAML
@@ -399,6 +400,7 @@ class SFTConfig:
     out_dir: str = "runs/sft"
     log_every: int = 10
     progress: bool | None = None
+    tensorboard: bool = False
     eval_every: int = 0
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     eval_hook: Callable | None = field(default=None, repr=False, compare=False, metadata={"yaml": False})
@@ -493,6 +495,7 @@ class PGRPOConfig:
     lr, warmup (fraction of steps, then constant), weight_decay, betas, grad_clip
     packing            "group" | "trajectory" | "call" (see twlib.pgrpo); tokens_per_batch: row budget
     seed, device, threads, dtype, attn, checkpoint_every, resume, out_dir, log_every, progress
+    tensorboard        also write out_dir/tensorboard event files beside metrics.csv (twlib.metrics; offline)
     launch             LaunchConfig: GPUs, sharding, offload, LM-head mode (the planner and the FSDP2 run)
     """
 
@@ -540,6 +543,7 @@ class PGRPOConfig:
     out_dir: str = "runs/pgrpo"
     log_every: int = 1
     progress: bool | None = None
+    tensorboard: bool = False
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     # callable(text, answer, stats) -> twlib.rewards.Reward, replacing `score` (set in Python, never in YAML)
     reward_fn: Callable | None = field(default=None, repr=False, compare=False, metadata={"yaml": False})

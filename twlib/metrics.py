@@ -38,6 +38,17 @@ def tensorboard_writer(log_dir: Path, purge_step: int | None = None):
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
+def scalar(value) -> float | None:
+    """A finite number (also from a formatted string such as an lr "1e-04"), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 class MetricsLog:
     """Append rows to `out_dir/metrics.csv` (header once) and, with `tensorboard`, to event files."""
 
@@ -67,8 +78,8 @@ class MetricsLog:
         if self.board is not None:
             step = int(row["step"])
             for name, value in row.items():
-                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and math.isfinite(value):
+                value = scalar(value)
+                if name != "step" and value is not None:
                     self.board.add_scalar(name, value, global_step=step)
             self.board.flush()
 

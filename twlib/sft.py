@@ -76,7 +76,6 @@ Design choices, and where we deviate from the reference
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import csv
 import json
@@ -95,8 +94,9 @@ import torch.distributed as dist
 
 from twlib import distributed as fsdp
 from twlib.checkpoint import (console, find_checkpoint, fork_rng, load_checkpoint_state, load_tokenizer, resolve_runtime,
-                              torch_threads, truncate_metrics)
+                              torch_threads)
 from twlib.config import MODES, ConfigError, DataError, SFTConfig, apply_overrides, load_config, save_config
+from twlib.metrics import MetricsLog
 from twlib.plan import add_dry_run_argument, print_dry_run
 from twlib.train.data import (build_rows, build_trajectories, epoch_order, eval_problems, fingerprint, get_task_config,
                               load_problems, select_rows, steps_per_epoch, trajectory_pairs, training_rows)
@@ -347,11 +347,6 @@ def _train(config: SFTConfig, run: LocalRun, on_step, source: str | None, log) -
     totals = {"step": 0, "train_s": 0.0, "tokens": 0, "trained_tokens": 0, "loss": float("nan")}
     if found is not None:
         totals.update(_resume(run, found, optimizer, scheduler, prints, plan, log))
-    metrics_path = out_dir / "metrics.csv"
-    if run.main:
-        if totals["step"] == 0 and metrics_path.exists():
-            metrics_path.unlink()
-        truncate_metrics(metrics_path, totals["step"], METRICS_FIELDS)
     fill = rows.num_tokens / (plan.n_rows * config.tokens_per_batch)
     log(run.describe(model))
     log(f"data: {len(problems)} problems, {len(tries)} trajectories, {plan.n_rows} rows of <= "
@@ -414,11 +409,8 @@ def _loop(config, run, loss_module, optimizer, scheduler, rows, plan: _Schedule,
     out_dir, losses, orders = Path(config.out_dir), [], {}
     bar = tqdm(total=plan.total, initial=totals["step"], disable=not (log.progress and run.main), dynamic_ncols=True,
                desc=f"sft {config.mode}")
-    metrics_path = out_dir / "metrics.csv"
-    with (metrics_path.open("a", newline="") if run.main else contextlib.nullcontext()) as metrics_file:
-        writer = csv.DictWriter(metrics_file, fieldnames=METRICS_FIELDS) if run.main else None
-        if writer and metrics_path.stat().st_size == 0:
-            writer.writeheader()
+    with MetricsLog(out_dir, METRICS_FIELDS, start_step=totals["step"], tensorboard=config.tensorboard,
+                    enabled=run.main) as metrics:
         for step in range(totals["step"], plan.total):
             t0 = time.perf_counter()
             lr_now = optimizer.param_groups[0]["lr"]
@@ -432,9 +424,7 @@ def _loop(config, run, loss_module, optimizer, scheduler, rows, plan: _Schedule,
                    "lr": f"{lr_now:.6g}", "grad_norm": round(out["grad_norm"], 6), "tokens": out["tokens"],
                    "trained_tokens": out["trained"], "tokens_per_s": round(out["tokens"] / dt, 1),
                    "elapsed_s": round(totals["train_s"], 3)}
-            if writer:
-                writer.writerow(row)
-                metrics_file.flush()
+            metrics.write(row)
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{out['tokens'] / dt:.0f}")
             if done % config.log_every == 0 or done == plan.total:
