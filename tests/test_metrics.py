@@ -86,3 +86,15 @@ def test_the_sft_trainer_logs_its_rows_to_tensorboard(tmp_path):
     assert len(rows) == 4
     assert scalars(tmp_path / "run", "loss") == [(int(r["step"]), round(float(r["loss"]), 6)) for r in rows]
     assert [s for s, _ in scalars(tmp_path / "run", "lr")] == [1, 2, 3, 4]
+
+
+def test_the_pgrpo_trainer_logs_its_rows_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from test_pgrpo import _config
+
+    from twlib import pgrpo
+
+    pgrpo.train(_config(tmp_path, steps=2, tensorboard=True), quiet=True)
+    out = next(p.parent for p in tmp_path.rglob("metrics.csv"))
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [s for s, _ in scalars(out, "reward")] == [int(r["step"]) for r in rows] == [1, 2]

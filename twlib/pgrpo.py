@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import os
 import random
@@ -65,6 +64,7 @@ from twlib.checkpoint import (console, find_checkpoint, fork_rng, load_base_mode
                               load_tokenizer, resolve_runtime, save_checkpoint, save_model, set_rng_state,
                               torch_threads, truncate_metrics)
 from twlib.config import PACKINGS, ConfigError, PGRPOConfig, load_pgrpo_config, save_config
+from twlib.metrics import MetricsLog
 from twlib.plan import add_dry_run_argument, print_dry_run
 from twlib.sft import param_groups
 from twlib.train.data import load_problems
@@ -512,24 +512,16 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
     else:
         torch.manual_seed(config.seed)
     pool = prompt_pool(config, source)
-    metrics_path = out_dir / "metrics.csv"
-    if start == 0 and metrics_path.exists():
-        metrics_path.unlink()
-    truncate_metrics(metrics_path, start, METRICS_FIELDS)
     log(f"pgrpo: mode={config.mode} model={config.model} {config.prompts_per_step} prompts x "
         f"{config.rollouts_per_prompt} rollouts, {config.steps} steps, packing={config.packing}, "
         f"reward={config.acceleration} std_normalize={config.std_normalize} device={rt.device}")
     bar = tqdm(total=config.steps, initial=start, disable=not log.progress, dynamic_ncols=True,
                desc=f"pgrpo {config.mode}")
     first = last = None
-    with metrics_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
-        if metrics_path.stat().st_size == 0:
-            writer.writeheader()
+    with MetricsLog(out_dir, METRICS_FIELDS, start_step=start, tensorboard=config.tensorboard) as metrics:
         for step in range(start, config.steps):
             row = _step(config, model, ref_model, tokenizer, optimizer, scheduler, pool, step, rt.mask_kind)
-            writer.writerow(row)
-            f.flush()
+            metrics.write(row)
             first = first or row
             last = row
             bar.update(1)
