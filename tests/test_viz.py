@@ -171,3 +171,28 @@ def test_calls_timeline_places_threads_side_by_side(tok):
     threads = next(t for t in fig.data if t.name.startswith("thread"))
     assert list(threads.base) == [t1["start"]] * 2 and len(set(threads.y)) == 2
     assert "</Thread>" not in threads.hovertext[0] and "&lt;/Thread&gt;" in threads.hovertext[0]
+
+
+def test_the_offline_renderer_drops_the_mathjax_script_from_cdnjs():
+    """plotly's notebook renderer adds <script src=cdnjs...mathjax> to every figure; ours asks no server."""
+    import plotly.io as pio
+
+    from twlib.viz import MATHJAX_FROM_CDN, use_offline_renderer
+
+    figure = go.Figure(go.Bar(x=[1, 2], y=[3, 4])).to_dict()
+    before = pio.renderers["notebook"].to_mimebundle(figure)["text/html"]
+    assert MATHJAX_FROM_CDN.search(before), "plotly no longer adds the script: this renderer can go"
+    default = pio.renderers.default
+    try:
+        name = use_offline_renderer()
+        html = pio.renderers[name].to_mimebundle(figure)["text/html"]
+    finally:
+        pio.renderers.default = default
+    assert "https://" not in html and "Plotly.newPlot" in html
+    assert html == MATHJAX_FROM_CDN.sub("", before).replace(_plot_id(before), _plot_id(html))
+
+
+def _plot_id(html: str) -> str:
+    import re
+
+    return re.search(r'id="([0-9a-f-]{36})"', html).group(1)

@@ -26,6 +26,9 @@ Design choices
   IPython shell is running. In JupyterLab the figure is re-displayed on every change. Its widgets carry
   CSS classes (`twlab-mask-explorer`, `twlab-token`, `twlab-mask-kind`, ...) that the browser test finds
   them by, so a notebook can reshape its cells without breaking that test.
+- `use_offline_renderer` selects plotly's notebook renderer minus the MathJax `<script src>` from cdnjs that
+  it adds to every figure: showing a figure then asks no outside server for anything (no figure here
+  uses LaTeX).
 - `calls_timeline` places a decoded response's calls on the critical path (`call_spans`): a sequential
   call starts where the previous call (or the previous block's longest thread) ended; the threads of a
   block share a start and sit in parallel lanes. Placement is logical, not wall time.
@@ -34,9 +37,33 @@ Design choices
 from __future__ import annotations
 
 import html
+import re
 from typing import Mapping, Sequence
 
 import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.io.base_renderers import NotebookRenderer
+
+OFFLINE_RENDERER = "twlab_notebook"
+MATHJAX_FROM_CDN = re.compile(r'<script src="https://cdnjs\.cloudflare\.com/ajax/libs/mathjax/[^"]*"></script>')
+
+
+class OfflineNotebookRenderer(NotebookRenderer):
+    """plotly's "notebook" renderer (figures inlined as HTML, shown in an exported page too) without the
+    MathJax script it loads from cdnjs for every figure (plotly hard-codes it)."""
+
+    def to_mimebundle(self, fig_dict):
+        bundle = super().to_mimebundle(fig_dict)
+        bundle["text/html"] = MATHJAX_FROM_CDN.sub("", bundle["text/html"])
+        return bundle
+
+
+def use_offline_renderer() -> str:
+    """Register `OfflineNotebookRenderer` and make it plotly's default; returns its name."""
+    if OFFLINE_RENDERER not in pio.renderers:
+        pio.renderers[OFFLINE_RENDERER] = OfflineNotebookRenderer()
+    pio.renderers.default = OFFLINE_RENDERER
+    return OFFLINE_RENDERER
 
 from twlib.trie import IGNORE, PackedTrie
 
