@@ -1,18 +1,15 @@
 """Configuration of the trainers: one typed dataclass per trainer, read from YAML plus `--set key=value`.
 
-    config = load_config("configs/tiny-parallel.yaml", ["lr=1e-3"])             # an SFTConfig
-    config = load_config("configs/tiny-pgrpo.yaml", cls=PGRPOConfig)            # a PGRPOConfig
+    load_config("configs/tiny-parallel.yaml", ["lr=1e-3"]); load_config("configs/tiny-pgrpo.yaml", cls=PGRPOConfig)
 
 Design choices
 - YAML keys are the dataclass's field names; an unknown key is an error that names the file and the
   closest valid field. Values from YAML or `--set` are coerced to the field's annotation (`coerce`), so
   `--set lr=1e-3`, `--set betas=[0.9,0.95]` and `--set max_steps=null` all work, and a wrong type names the
   field and where the value came from.
-- Launch settings (GPUs, sharding, offload, gradient checkpointing, LM-head mode) are the `launch:` mapping
-  of the same file (`LaunchConfig`), read by both the planner's dry run and the FSDP2 trainers, so the
-  estimate and the run use the same settings.
-- Retired fields (`RETIRED`) are still accepted at their old value, so configs saved beside shipped
-  checkpoints keep loading; any other value is an error saying the option is gone.
+- Launch settings (GPUs, sharding, offload, checkpointing, LM-head mode) are the file's `launch:` mapping
+  (`LaunchConfig`): the planner's dry run and the FSDP2 trainers read the same settings.
+- Retired fields (`RETIRED`) load only at their old value (the configs saved beside shipped checkpoints).
 - Callables (eval hooks, reward functions) carry `metadata={"yaml": False}`: never read from or written to YAML.
 """
 
@@ -159,7 +156,6 @@ def coerce(name: str, tp, value, source: str):
 
 
 def yaml_fields(cls) -> list[str]:
-    """The field names a YAML file may set (callables excluded)."""
     return [f.name for f in fields(cls) if f.metadata.get("yaml", True)]
 
 
