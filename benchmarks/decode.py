@@ -1,7 +1,7 @@
 """Decoding benchmark: the same problems decoded four ways in one run, one problem at a time.
 
     .venv/bin/python benchmarks/decode.py [--parallel assets/checkpoints/tiny-pgrpo]
-        [--sequential assets/checkpoints/tiny-sequential] [--n 100] [--seed 1]
+        [--sequential assets/checkpoints/tiny-sequential] [--n 100] [--seed 1] [--out assets/benchmarks/decode.json]
 
 1. sequential model, ordinary decoding;
 2. parallel model, state machine, threads batched with a forked KV cache (the default);
@@ -10,6 +10,7 @@
 For each: wall time, generated tokens, prefill tokens, decode steps, accuracy, token-latency speed-up
 (mean over problems of sequential tokens / critical path) and wall-clock speed-up vs way 1, and their
 ratio (1.0 is the limit: the state machine cannot beat its critical path).
+`--out FILE` writes every printed number, the command, date, machine and load average as JSON (result_file.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import statistics
 from pathlib import Path
+
+from result_file import ResultFile, repo_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +31,9 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--out", default=None, help="JSON result file (README renders assets/benchmarks/decode.json)")
     args = parser.parse_args(argv)
+    recorder = ResultFile("decode", argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,6 +72,12 @@ def main(argv=None) -> None:
     for name, seconds, gen, pre, steps, acc, token, wall, ratio in rows:
         print(f"{name:<32} {seconds:>7.1f} {gen:>10,} {pre:>8,} {steps:>7,} {100 * acc:>5.1f}% "
               f"{token:>7.2f}x {wall:>6.2f}x {ratio:>11.2f}")
+    keys = ("way", "wall_s", "generated_tokens", "prefill_tokens", "decode_steps", "accuracy", "token_latency_x",
+            "wall_clock_x", "wall_per_token")
+    recorder.save(args.out, rows=[dict(zip(keys, row)) for row in rows],
+                  setup={"parallel": repo_path(args.parallel), "sequential": repo_path(args.sequential), "n": args.n,
+                         "seed": args.seed, "max_new_tokens": args.max_new_tokens, "task": "groupsum", "batch_size": 1,
+                         "engine_threads": engine.num_threads})  # HFEngine's torch threads while it decodes
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Engine benchmark: the same eval problems through each available engine, the parallel state machine
 vs sequential decoding on each, one problem at a time (the paper's batch size 1), greedy.
 
-    .venv/bin/python benchmarks/engines.py [--model assets/checkpoints/toy-parallel] [--n 50]
+    .venv/bin/python benchmarks/engines.py [--model assets/checkpoints/tiny-pgrpo] [--n 50]
         [--url http://127.0.0.1:8080 --url-kind llama-cpp-python] [--no-vllm] [--max-new-tokens 512]
+        [--out assets/benchmarks/engines.json]
 
 Engines:
 1. hf        HFEngine in process (threads batched with a forked KV cache);
@@ -16,7 +17,9 @@ the model continues its blocks as plain text, so seq/par is the state machine's 
 that engine, not the paper's comparison with a sequential model (benchmarks/decode.py does that).
 Columns: wall seconds, tokens (response tokens, every thread), critical path (mean tokens on the
 longest path), accuracy, texts equal to the in-process hf result, seq/par = sequential / parallel wall.
-The toy checkpoint is a test fixture (it rarely gets digits right): use trained checkpoints for numbers.
+The default is the shipped final model (tiny-pgrpo); the toy checkpoint is a test fixture (it rarely gets
+digits right): use trained checkpoints for numbers. `--out FILE` writes every printed number, the command,
+date, machine and load average as JSON (result_file.py).
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import importlib.util
 import statistics
 from pathlib import Path
 
+from result_file import ResultFile, repo_path
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "assets/checkpoints/toy-parallel"))
+    parser.add_argument("--model", default=str(ROOT / "assets/checkpoints/tiny-pgrpo"))
     parser.add_argument("--config", default=str(ROOT / "configs/tiny-parallel.yaml"),
                         help="stage config whose held-out split gives the eval problems")
     parser.add_argument("--n", type=int, default=50)
@@ -39,7 +44,9 @@ def main(argv=None) -> None:
     parser.add_argument("--url", default=None, help="base URL of a running completions server")
     parser.add_argument("--url-kind", default="vllm", help="vllm | sglang | llama-server | llama-cpp-python")
     parser.add_argument("--no-vllm", action="store_true", help="skip VLLMEngine even if vllm imports")
+    parser.add_argument("--out", default=None, help="JSON result file (README renders assets/benchmarks/engines.json)")
     args = parser.parse_args(argv)
+    recorder = ResultFile("engines", argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,6 +99,14 @@ def main(argv=None) -> None:
         ratio = f"{walls[(name, 'sequential')] / seconds:.2f}x" if mode == "parallel" else ""
         print(f"{name:<24} {mode:<11} {seconds:>7.2f} {generated:>10,} {longest:>10.1f} {100 * accuracy:>5.1f}% "
               f"{same:>3}/{args.n:<2} {ratio:>8}")
+    recorder.save(args.out, rows=[
+        {"engine": name, "decoder": mode, "wall_s": seconds, "tokens": generated, "critical_path": longest,
+         "accuracy": accuracy, "equal_to_hf": same,
+         "seq_over_par": walls[(name, "sequential")] / seconds if mode == "parallel" else None}
+        for name, mode, seconds, generated, longest, accuracy, same in rows],
+        setup={"model": repo_path(args.model), "config": repo_path(args.config), "n": len(problems),
+               "max_new_tokens": args.max_new_tokens, "batch_size": 1, "greedy": True,
+               "engine_threads": engines["hf"].num_threads})  # HFEngine's torch threads while it decodes
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """P-GRPO update cost: one packed trie per prompt group vs one per rollout vs one row per engine call.
 
     .venv/bin/python benchmarks/pgrpo.py [--model assets/checkpoints/tiny-parallel] [--prompts 8] [--k 8]
+        [--out assets/benchmarks/pgrpo.json]
 
 Samples one real batch of rollouts (temperature 1.0, the state machine) from the model, then runs the same
 P-GRPO update (loss + backward) on it three ways, side by side in one run:
@@ -9,6 +10,8 @@ P-GRPO update (loss + backward) on it three ways, side by side in one run:
 - `call`: one row per engine call, the reference's layout (shared contexts recomputed per call).
 It prints tokens processed (trie nodes), the loss (equal in all three, up to float rounding: the packing is
 exact), and the time per update, with ratios against `call`. Rows are filled up to `--tokens` per row.
+The default model is the shipped stage-1 model (tiny-parallel), the one P-GRPO starts from. `--out FILE`
+writes every printed number, the command, date, machine and load average as JSON (result_file.py).
 """
 
 from __future__ import annotations
@@ -19,23 +22,25 @@ from pathlib import Path
 
 import torch
 
+from result_file import ResultFile, repo_path
 from twlib import pgrpo
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    default = "assets/checkpoints/tiny-parallel"
-    if not Path(default).is_dir():
-        default = "assets/checkpoints/toy-parallel"
-    parser.add_argument("--model", default=default)
+    parser.add_argument("--model", default=str(ROOT / "assets/checkpoints/tiny-parallel"))
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=8192, help="row budget (tokens per packed row)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None, help="JSON result file (README renders assets/benchmarks/pgrpo.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    recorder = ResultFile("pgrpo", argv)  # after set_num_threads: the file records the threads used
 
     cfg = pgrpo.PGRPOConfig(model=args.model, prompts_per_step=args.prompts, rollouts_per_prompt=args.k,
                             device="cpu", progress=False).validate()
@@ -46,9 +51,13 @@ def main(argv=None) -> int:
     problems = pgrpo.step_prompts(pgrpo.prompt_pool(cfg), cfg, step=0)
     t0 = time.perf_counter()
     rollouts = pgrpo.collect_rollouts(model, tok, problems, cfg, step=0)
+    sample_s = time.perf_counter() - t0
+    calls = sum(len(r.pairs) for r in rollouts) / len(rollouts)
+    reward = sum(r.reward.total for r in rollouts) / len(rollouts)
+    # identical rollouts of one prompt share every trie node: how many differ decides what `group` saves
+    distinct = len({(r.group, r.result.text) for r in rollouts})
     print(f"model {args.model}: {len(rollouts)} rollouts ({args.prompts} prompts x {args.k}) sampled in "
-          f"{time.perf_counter() - t0:.1f}s; calls per rollout {sum(len(r.pairs) for r in rollouts) / len(rollouts):.1f}; "
-          f"mean reward {sum(r.reward.total for r in rollouts) / len(rollouts):.3f}")
+          f"{sample_s:.1f}s; calls per rollout {calls:.1f}; mean reward {reward:.3f}; distinct rollouts {distinct}")
     model.train()
     results = {}
     for packing in ("group", "trajectory", "call"):
@@ -71,6 +80,14 @@ def main(argv=None) -> int:
     for packing, (tokens, shape, n, loss, seconds) in results.items():
         print(f"{packing:<11}{f'{shape[0]} x {shape[1]}':>12}{tokens:>9}{n:>12}{loss:>12.6f}{seconds:>10.3f}"
               f"{tokens / base_tokens:>16.3f}{base_time / seconds:>18.2f}")
+    recorder.save(args.out, rows=[
+        {"packing": packing, "rows": shape[0], "row_length": shape[1], "tokens": tokens, "completion_tokens": n,
+         "loss": loss, "update_s": seconds, "tokens_vs_call": tokens / base_tokens, "speedup_vs_call": base_time / seconds}
+        for packing, (tokens, shape, n, loss, seconds) in results.items()],
+        setup={"model": repo_path(args.model), "prompts": args.prompts, "k": args.k, "row_tokens": args.tokens,
+               "repeats": args.repeats, "update_s": "fastest of the repeats"},
+        rollouts={"count": len(rollouts), "sample_s": sample_s, "calls_per_rollout": calls, "mean_reward": reward,
+                  "distinct": distinct})
     return 0
 
 

@@ -1,6 +1,7 @@
 """Trie packing benchmark: packed row vs every call run separately, dense vs block mask, packing time.
 
     .venv/bin/python benchmarks/trie.py [--sizes 2048 4096 8192 16384 32768] [--threads 4]
+        [--out assets/benchmarks/trie.json]
 
 Synthetic trajectories of the given response lengths (tokens), built from blocks of `--threads` threads
 of ~150 tokens with ~60 tokens of sequential text between blocks: the shape of a long ThreadWeaver
@@ -9,6 +10,7 @@ trace. For each size it prints, side by side in one run:
   the ratio being the recomputation the trie saves (the reference's RL recomputes per call);
 - attention-mask memory: dense float32 N x N vs the BlockMask (block flags + indices) + exits;
 - time to pack (linear in tokens) and to build the BlockMask.
+`--out FILE` writes every printed number, the command, date, machine and load average as JSON (result_file.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import random
 import time
 
+from result_file import ResultFile
 from twlib.format import Block, Trajectory, engine_calls, path_stats
 from twlib.trie import block_mask, pack, tokenize_calls
 from twlib.tokenizer import build_tokenizer
@@ -52,7 +55,10 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON result file (README renders assets/benchmarks/trie.json)")
     args = parser.parse_args(argv)
+    recorder = ResultFile("trie", argv)
+    rows = []
     rng = random.Random(args.seed)
     tok = build_tokenizer()
     header = (f"{'response':>9} {'calls':>6} {'separate':>10} {'trie':>8} {'sep/trie':>9} "
@@ -78,8 +84,13 @@ def main(argv=None) -> None:
         print(f"{response:>9} {len(pairs):>6} {separate:>10,} {n:>8,} {separate / n:>8.2f}x "
               f"{mib(dense_bytes):>10} {mib(block_bytes):>10} {dense_bytes / block_bytes:>11,.0f}x "
               f"{1000 * pack_s:>8.1f} {1e6 * pack_s / separate:>9.2f} {1000 * block_s:>9.1f}")
+        rows.append({"response_tokens": response, "calls": len(pairs), "separate_tokens": separate, "trie_tokens": n,
+                     "separate_over_trie": separate / n, "dense_mask_bytes": dense_bytes,
+                     "block_mask_bytes": block_bytes, "pack_ms": 1000 * pack_s,
+                     "pack_us_per_token": 1e6 * pack_s / separate, "block_mask_ms": 1000 * block_s})
     print("separate = tokens processed if every call is its own row; trie = nodes of the packed row.")
     print("us/token = packing time per call token (flat across sizes = linear time).")
+    recorder.save(args.out, rows=rows, setup={"threads_per_block": args.threads, "seed": args.seed})
 
 
 if __name__ == "__main__":
