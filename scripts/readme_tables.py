@@ -175,9 +175,107 @@ def notebooks_table() -> str:
     return "\n".join(lines)
 
 
+BENCHMARKS = ROOT / "assets" / "benchmarks"
+
+
+def read_benchmark(name: str) -> dict:
+    """assets/benchmarks/NAME.json, written by `benchmarks/NAME.py --out` (benchmarks/result_file.py)."""
+    path = BENCHMARKS / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.relative_to(ROOT)}: missing; run benchmarks/{name}.py --out {path.relative_to(ROOT)}")
+    record = json.loads(path.read_text())
+    for field in ("command", "date", "machine", "load_1min_before", "load_1min_after", "rows"):
+        if field not in record:
+            raise KeyError(f"{path.relative_to(ROOT)}: no field {field!r}")
+    return record
+
+
+def measured_on(record: dict) -> str:
+    """The sentence under a benchmark: its command, date, machine and how busy the machine was."""
+    m = record["machine"]
+    before, after = record["load_1min_before"], record["load_1min_after"]
+    load = ("load average not available" if before is None else
+            f"1-minute load average {before:.2f} before the run, {after:.2f} after ({m['usable_cpus']} cores: above "
+            f"{m['usable_cpus']}, jobs wait for a core; the machine is shared with other work)")
+    nice = f", nice {m['niceness']}" if m.get("niceness") else ""
+    engine = record.get("setup", {}).get("engine_threads")
+    threads = f"HFEngine decoding on {engine} torch thread{'s' if engine > 1 else ''}" if engine else f"{m['torch_threads']} torch threads"
+    return (f"Measured {record['date'][:16].replace('T', ' ')} UTC with `{record['command']}`{nice}: "
+            f"{m['usable_cpus']}-core {m['cpu_model']} CPU, {m['platform']}, torch {m['torch']}, "
+            f"{threads}; {load}.")
+
+
+def size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.{1 if nbytes < 2**24 else 0}f} MiB"
+
+
+def bench_trie() -> str:
+    r = read_benchmark("trie")
+    lines = ["| response tokens | calls | tokens, calls run separately | trie tokens | separate/trie | dense float mask | "
+             "block mask | pack time | block mask time |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        pack = f"{row['pack_ms']:.0f} ms" if row["pack_ms"] < 1000 else f"{row['pack_ms'] / 1000:.2f} s"
+        lines.append(f"| {row['response_tokens']:,} | {row['calls']} | {row['separate_tokens']:,} | {row['trie_tokens']:,} | "
+                     f"{row['separate_over_trie']:.1f}x | {size(row['dense_mask_bytes'])} | "
+                     f"{row['block_mask_bytes'] / 2**20:.2f} MiB | {pack} | {row['block_mask_ms']:.0f} ms |")
+    per_token = [row["pack_us_per_token"] for row in r["rows"]]
+    lines += ["", f"Packing costs {min(per_token):.2f}-{max(per_token):.2f} µs per call token at every size (linear "
+                  f"time). {measured_on(r)}"]
+    return "\n".join(lines)
+
+
+def bench_decode() -> str:
+    r = read_benchmark("decode")
+    setup = r["setup"]
+    lines = [f"{setup['n']} {setup['task']} problems one at a time, greedy, `{Path(setup['parallel']).name}` (ways 2-4) vs "
+             f"`{Path(setup['sequential']).name}` (way 1):", "",
+             "| way | wall s | generated | prefill | decode steps | accuracy | token-latency x | wall-clock x | wall / token |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['way']} | {row['wall_s']:.1f} | {row['generated_tokens']:,} | {row['prefill_tokens']:,} | "
+                     f"{row['decode_steps']:,} | {100 * row['accuracy']:.1f}% | {row['token_latency_x']:.2f} | "
+                     f"{row['wall_clock_x']:.2f} | {row['wall_per_token']:.2f} |")
+    lines += ["", measured_on(r)]
+    return "\n".join(lines)
+
+
+def bench_pgrpo() -> str:
+    r = read_benchmark("pgrpo")
+    setup, roll = r["setup"], r["rollouts"]
+    lines = [f"One real batch of {setup['prompts']} prompts x {setup['k']} rollouts sampled from `{Path(setup['model']).name}` "
+             f"({roll['distinct']} of the {roll['count']} differ within their prompt group, "
+             f"{roll['calls_per_rollout']:.1f} engine calls per rollout, mean reward {roll['mean_reward']:.3f}, sampled in "
+             f"{roll['sample_s']:.0f} s), then the same update (loss + backward, rows of up to {setup['row_tokens']:,} "
+             f"tokens) three ways; update time is the fastest of {setup['repeats']}:", "",
+             "| packing | rows x length | tokens processed | completion tokens | loss | update s (slowest repeat) | "
+             "tokens vs call | speed-up vs call |", "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['packing']} | {row['rows']} x {row['row_length']:,} | {row['tokens']:,} | "
+                     f"{row['completion_tokens']:,} | {row['loss']:.6f} | {row['update_s']:.2f} ({max(row['update_s_repeats']):.2f}) | "
+                     f"{row['tokens_vs_call']:.2f} | {row['speedup_vs_call']:.2f}x |")
+    lines += ["", measured_on(r)]
+    return "\n".join(lines)
+
+
+def bench_engines() -> str:
+    r = read_benchmark("engines")
+    setup = r["setup"]
+    lines = [f"{setup['n']} held-out problems (`{setup['config']}`), batch size 1, greedy, `{Path(setup['model']).name}`, "
+             f"max {setup['max_new_tokens']} new tokens:", "",
+             "| engine | decoder | wall s | tokens | critical path | accuracy | text = hf | seq/par |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        ratio = "" if row["seq_over_par"] is None else f"{row['seq_over_par']:.2f}x"
+        lines.append(f"| {row['engine']} | {row['decoder']} | {row['wall_s']:.2f} | {row['tokens']:,} | "
+                     f"{row['critical_path']:.1f} | {100 * row['accuracy']:.1f}% | {row['equal_to_hf']}/{setup['n']} | {ratio} |")
+    lines += ["", measured_on(r)]
+    return "\n".join(lines)
+
+
 TABLES = {"main": main_table, "arc": arc_table, "claims": claims_table, "timing": timing_line, "seeds": seeds_table,
           "pgrpo": pgrpo_table, "probe": probe_table,
-          "notebooks": notebooks_table}
+          "notebooks": notebooks_table, "bench_trie": bench_trie, "bench_decode": bench_decode,
+          "bench_pgrpo": bench_pgrpo, "bench_engines": bench_engines}
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
 

@@ -15,7 +15,8 @@ def test_readme_tables_match_the_result_files():
     tables = load_script()
     readme = (ROOT / "README.md").read_text()
     blocks = tables.BLOCK.findall(readme)
-    assert {name for _, name, _, _ in blocks} >= {"main", "claims", "timing", "seeds", "pgrpo", "probe"}
+    assert {name for _, name, _, _ in blocks} >= {"main", "claims", "timing", "seeds", "pgrpo", "probe",
+                                                   "bench_trie", "bench_decode", "bench_pgrpo", "bench_engines"}
     assert tables.render(readme) == readme, "run: .venv/bin/python scripts/readme_tables.py --write"
 
 
@@ -25,6 +26,18 @@ def test_a_changed_number_is_caught():
     start = readme.index("<!-- table:main -->")
     tampered = readme[:start] + readme[start:].replace("%", "0%", 1)
     assert tables.render(tampered) != tampered
+
+
+def test_a_changed_benchmark_number_is_caught():
+    """README's benchmark section comes from assets/benchmarks/*.json: a digit typed into a block is caught."""
+    import re
+
+    tables = load_script()
+    readme = (ROOT / "README.md").read_text()
+    for name in ("bench_trie", "bench_decode", "bench_pgrpo", "bench_engines"):
+        start = readme.index(f"<!-- table:{name} -->\n") + len(f"<!-- table:{name} -->\n")
+        tampered = readme[:start] + re.sub(r"\d", lambda m: "9" + m.group(0), readme[start:], count=1)
+        assert tables.render(tampered) != tampered, name
 
 
 def test_the_notebook_table_reads_measured_times():
