@@ -51,9 +51,10 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from twlib.decoding import DecodeConfig, HFEngine, ParallelDecoder, sequential_decoder
-    from twlib.engines import OpenAICompletionsEngine, VLLMEngine, engine_for_server, serve_hf
+    from twlib.engines import OpenAICompletionsEngine, VLLMEngine, engine_for_server
+    from twlib.infra.server import serve_hf
     from twlib.eval import evaluate, summarize
-    from twlib.sft import eval_problems, load_config
+    from twlib.train.sft import eval_problems, load_config
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()

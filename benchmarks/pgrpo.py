@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from result_file import ResultFile, repo_path
-from twlib import pgrpo
+from twlib.train import pgrpo
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -51,7 +51,7 @@ def teacher_forced(model_dir: str, n: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from twlib.sft import eval_problems, load_config, load_tokenizer
+    from twlib.train.sft import eval_problems, load_config, load_tokenizer
 
     tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -89,7 +89,7 @@ def teacher_forced(model_dir: str, n: int) -> None:
 
 def decoded(path: str) -> None:
     from twlib.eval import accuracy_by_k, read_rows
-    from twlib.sft import eval_problems, load_config
+    from twlib.train.sft import eval_problems, load_config
 
     problems = {p.id: p for p in eval_problems(load_config("configs/tiny-base.yaml"))}
     groups = groups_ok = steps = steps_ok = 0

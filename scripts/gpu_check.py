@@ -13,8 +13,8 @@ What it measures (sections, in this order; each measurement is skipped once `--b
   head in recomputed chunks) over one packed trie row of 8k, 16k and 32k tokens, with FlexAttention and the
   `BlockMask` (`PackedTrie.attention_mask("block")`) and with sdpa and the dense bool ancestor mask: seconds
   of the first pass (FlexAttention compiles there) and of the next ones, peak memory, and the planner's
-  estimate of the same (`twlib.plan`: weights + gradients + activations + mask, no optimizer).
-- sft: trie SFT steps in bf16 (bf16 weights, AdamW states and matmuls: `twlib.sft`'s `dtype: auto` on a
+  estimate of the same (`twlib.infra.plan`: weights + gradients + activations + mask, no optimizer).
+- sft: trie SFT steps in bf16 (bf16 weights, AdamW states and matmuls: `twlib.train.sft`'s `dtype: auto` on a
   GPU; FlexAttention, checkpointing, chunked LM head) on rows of 16k tokens: tokens/s and peak memory
   beside the planner's `bf16` SFT estimate.
 - decode: `twlib.decoding.HFEngine` (sdpa, bf16) generating 128 tokens per row at batch 1 and 16 (rows that
@@ -143,7 +143,7 @@ def markdown(result: dict) -> str:
     lines = [f"# GPU check ({result['mode']})", "",
              f"- device: {result['device']}; torch {result['torch']}, transformers {result['transformers']}",
              f"- tokenizer: {result['tokenizer']}",
-             f"- peak memory: {result['peak_memory']}; planner GiB: twlib.plan's estimate less its fixed overhead",
+             f"- peak memory: {result['peak_memory']}; planner GiB: twlib.infra.plan's estimate less its fixed overhead",
              f"- {result['elapsed_s']} s of a {result['budget_s']:.0f} s budget; written {result['written']}", ""]
     for section, rows in result["sections"].items():
         lines += [f"## {section}", ""]
@@ -314,7 +314,7 @@ def trie_row(tokens: int, vocab: int, seed: int = 0, threads: int = THREADS):
 def planned(name: str, tokens: int, attn: str, with_optimizer: bool) -> tuple[float, float]:
     """(planner GiB for the measured work, the planner's BlockMask bytes): bf16 weights and grads (+ AdamW
     states), one row of `tokens`, checkpointing, chunked LM head; less the fixed overhead (CUDA context)."""
-    from twlib import plan
+    from twlib.infra import plan
 
     config = plan.PlanConfig(model=name, gpu="h100-80gb", gpus=1, gpus_per_node=1, tokens=tokens, rows=1,
                              precision="bf16", sharding="none",
@@ -414,7 +414,7 @@ def sft_section(report: Report, name: str, tokenizer, device, sizes: Sizes) -> N
     import torch
 
     from twlib.checkpoint import enable_gradient_checkpointing
-    from twlib.sft import batch_loss
+    from twlib.train.sft import batch_loss
 
     what = f"sft {name}"
     if not report.time_left(what):

@@ -65,8 +65,8 @@ def main(argv=None) -> int:
 
     from twlib.claims import multi_group_parallel_rate
     from twlib.eval import compare, summarize
-    from twlib.pgrpo import load_pgrpo_config, train
-    from twlib.sft import eval_problems, load_config
+    from twlib.train.pgrpo import load_pgrpo_config, train
+    from twlib.train.sft import eval_problems, load_config
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ def item_errors(model, tokenizer, prefix: str, target: str) -> tuple[int, int]:
 def probe(model_dir: str, problems) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
-    from twlib.sft import load_tokenizer
+    from twlib.train.sft import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                         help="override the task's question layout (the first recipes' models: groups)")
     parser.add_argument("--out", default=None, help="CSV of the error rates (appended to if it exists)")
     args = parser.parse_args(argv)
-    from twlib.sft import eval_problems, load_config
+    from twlib.train.sft import eval_problems, load_config
 
     config = load_config(args.config)
     if args.question_order:

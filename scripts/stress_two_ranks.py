@@ -5,7 +5,7 @@
 
 Each run is the fixture of tests/test_distributed.py (three FSDP2 SFT runs on 2 CPU ranks, ~10 s). A rank
 writes a `done` marker after its work and `destroy_process_group`, so a failure with both markers present
-happened during process exit. This is where `twlib.distributed.exit_process` comes from (measured on the
+happened during process exit. This is where `twlib.train.fsdp.exit_process` comes from (measured on the
 2-core CPU: 1 of 30 runs aborted with SIGABRT in teardown with `--full-teardown`, 0 of 40 without it).
 """
 
@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 def worker(rank: int, world: int, port: int, root: str, full_teardown: bool) -> None:
     import test_distributed
 
-    from twlib import distributed
+    from twlib.train import fsdp
 
-    exit_process = distributed.exit_process
-    distributed.exit_process = lambda code=0: None  # write the marker first, then leave as asked
+    exit_process = fsdp.exit_process
+    fsdp.exit_process = lambda code=0: None  # write the marker first, then leave as asked
     test_distributed._worker(rank, world, port, root)
     (Path(root) / f"done{rank}").write_text("ok")
     if not full_teardown:

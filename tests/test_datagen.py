@@ -1,4 +1,5 @@
-"""twlib.datagen: the pure steps of stage 1, the whole stage 1 against a scripted chat server (nonsense,
+"""twlib.datagen (the pure steps of stage 1) and twlib.infra.chat / rewrite / arc: the pure steps, the whole
+stage 1 against a scripted chat server (nonsense,
 wrong line numbers, a 500, the cache, resume), Table-8 statistics against hand-computed values, the
 self-training filter on a scripted engine, and a tiny arc with the toy checkpoint."""
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from twlib import datagen as dg
+from twlib.infra import arc, chat, rewrite
 from twlib.decoding import Completion
 from twlib.format import DISTANCE_EXAMPLE, FormatError, engine_calls
 from twlib.tasks import GroupSumConfig, Problem, generate
@@ -28,7 +30,7 @@ def problems(n, seed=0, config=PARALLEL_TASK):
 
 def draft_of(problem):
     trace = dg.split_trace(problem.sequential)
-    marks = dg.parse_marks(json.dumps(dg.GroupSumRewriter.marks(dg.number_lines(trace.lines))), len(trace.lines))
+    marks = dg.parse_marks(json.dumps(rewrite.GroupSumRewriter.marks(dg.number_lines(trace.lines))), len(trace.lines))
     return trace, dg.extract_threads(trace, marks)[0]
 
 
@@ -91,7 +93,7 @@ def test_extract_threads_and_dominated_blocks():
 def test_oracle_steps_rebuild_the_task_parallel_form():
     for p in problems(6, seed=3):
         trace, draft = draft_of(p)
-        outlines = json.loads(dg.GroupSumRewriter()(dg.outline_messages(p.question, draft)))
+        outlines = json.loads(rewrite.GroupSumRewriter()(dg.outline_messages(p.question, draft)))
         draft = dg.with_outlines(draft, dg.parse_outlines(json.dumps(outlines), draft))
         assert dg.assemble(trace, draft) == p.parallel
         assert dg.format_filter(p.parallel, p.sequential, p.answer, "groupsum", prompt=p.prompt) == []
@@ -166,26 +168,26 @@ def test_leaked_names_respects_visible_assignments():
 
 
 def test_response_cache_survives_a_torn_line(tmp_path):
-    cache = dg.ResponseCache(tmp_path / "c.jsonl")
+    cache = chat.ResponseCache(tmp_path / "c.jsonl")
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    key = dg.ResponseCache.key(body)
-    assert key != dg.ResponseCache.key({**body, "model": "other"})
-    cache.put(key, "m", dg.ChatReply("hello", 3, 1))
+    key = chat.ResponseCache.key(body)
+    assert key != chat.ResponseCache.key({**body, "model": "other"})
+    cache.put(key, "m", chat.ChatReply("hello", 3, 1))
     with (tmp_path / "c.jsonl").open("a") as f:
         f.write('{"key": "abc", "cont')  # a crash mid-write
-    again = dg.ResponseCache(tmp_path / "c.jsonl")
-    assert len(again) == 1 and again.get(key) == dg.ChatReply("hello", 3, 1, cached=True)
-    again.put("k2", "m", dg.ChatReply("second", 1, 1))  # starts a line of its own after the torn one
-    assert len(dg.ResponseCache(tmp_path / "c.jsonl")) == 2
+    again = chat.ResponseCache(tmp_path / "c.jsonl")
+    assert len(again) == 1 and again.get(key) == chat.ChatReply("hello", 3, 1, cached=True)
+    again.put("k2", "m", chat.ChatReply("second", 1, 1))  # starts a line of its own after the torn one
+    assert len(chat.ResponseCache(tmp_path / "c.jsonl")) == 2
 
 
 def test_parse_chat_reply():
-    reply = dg.parse_chat_reply({"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": 5,
+    reply = chat.parse_chat_reply({"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": 5,
                                                                                     "completion_tokens": 2}}, "x")
-    assert reply == dg.ChatReply("hi", 5, 2)
-    assert dg.parse_chat_reply({"choices": [{"message": {"content": None}}]}, "x") == dg.ChatReply("", 0, 0)
-    with pytest.raises(dg.BadResponse):
-        dg.parse_chat_reply({"error": "overloaded"}, "x")
+    assert reply == chat.ChatReply("hi", 5, 2)
+    assert chat.parse_chat_reply({"choices": [{"message": {"content": None}}]}, "x") == chat.ChatReply("", 0, 0)
+    with pytest.raises(chat.BadResponse):
+        chat.parse_chat_reply({"error": "overloaded"}, "x")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,7 +234,7 @@ class ScriptedChat(ThreadingHTTPServer):
             if behaviour == "fail500" and question not in self.failed:
                 self.failed.add(question)
                 return 500, {"error": {"message": "overloaded"}}
-        content = _nonsense(behaviour, step, user) or dg.GroupSumRewriter()(body["messages"])
+        content = _nonsense(behaviour, step, user) or rewrite.GroupSumRewriter()(body["messages"])
         usage = {"prompt_tokens": len(user) // 4, "completion_tokens": len(content) // 4}
         with self.lock:
             self.usage[0] += usage["prompt_tokens"]
@@ -274,15 +276,15 @@ def scripted():
 
 
 def client_for(server, **kw):
-    return dg.ChatClient(dg.ChatConfig(base_url=server.url + "/v1", model="scripted", backoff=0.01, max_retries=2,
+    return chat.ChatClient(chat.ChatConfig(base_url=server.url + "/v1", model="scripted", backoff=0.01, max_retries=2,
                                        price_input_per_1m=1.0, price_output_per_1m=4.0, **kw))
 
 
 def test_stage1_end_to_end_with_nonsense_500_cache_and_resume(tmp_path, scripted):
     ps, server = scripted
     client = client_for(server)
-    config = dg.RewriteConfig(out_dir=str(tmp_path / "run1"), concurrency=3)
-    run = dg.run_stage1(ps, client, config)["this_run"]
+    config = rewrite.RewriteConfig(out_dir=str(tmp_path / "run1"), concurrency=3)
+    run = rewrite.run_stage1(ps, client, config)["this_run"]
     assert (run["accepted"], run["rejected"], run["errors"]) == (5, 6, 0)
     assert run["reasons"] == {"rejected:edit/not_found": 1, "rejected:filter/independence": 2,
                               "rejected:mark/line_range": 1, "rejected:mark/not_json": 1, "rejected:outline/count": 1}
@@ -291,11 +293,11 @@ def test_stage1_end_to_end_with_nonsense_500_cache_and_resume(tmp_path, scripted
     assert server.posts == client.attempts == 29
     assert [run["prompt_tokens"], run["completion_tokens"]] == server.usage
     assert run["cost"] == pytest.approx(server.usage[0] * 1e-6 + server.usage[1] * 4e-6)
-    accepted = {p.id: p for p in dg.load_accepted(config.out_dir)}
+    accepted = {p.id: p for p in rewrite.load_accepted(config.out_dir)}
     assert {p.id: p.parallel for p in ps if p.id in accepted} == {i: p.parallel for i, p in accepted.items()}
     good = [p.id for p, b in zip(ps, BEHAVIOURS) if b in ("good", "fail500")]
     assert sorted(accepted) == sorted(good)
-    rejected = dg.read_jsonl(Path(config.out_dir) / "rejected.jsonl")
+    rejected = chat.read_jsonl(Path(config.out_dir) / "rejected.jsonl")
     by_id = {r["id"]: r for r in rejected}
     bad_lines = by_id[ps[BEHAVIOURS.index("bad_lines")].id]
     assert bad_lines["step"] == "mark" and "line 99 is not among the lines 1.." in bad_lines["reason"]
@@ -304,12 +306,12 @@ def test_stage1_end_to_end_with_nonsense_500_cache_and_resume(tmp_path, scripted
 
     # The cache alone: a new run directory that shares the cache sends no request at all.
     posts = server.posts
-    again = dg.run_stage1(ps, client_for(server), dg.RewriteConfig(
+    again = rewrite.run_stage1(ps, client_for(server), rewrite.RewriteConfig(
         out_dir=str(tmp_path / "run2"), cache_path=str(Path(config.out_dir) / "cache.jsonl")))["this_run"]
     assert server.posts == posts and again["requests"] == 0 and again["cache_hits"] == 28
     assert (again["accepted"], again["rejected"], again["reasons"]) == (5, 6, run["reasons"])
     # Resume: the same directory skips every finished sample.
-    third = dg.run_stage1(ps, client_for(server), config)
+    third = rewrite.run_stage1(ps, client_for(server), config)
     assert third["this_run"]["skipped_done"] == 11 and third["this_run"]["processed"] == 0
     assert third["overall"] == {"accepted": 5, "rejected": 6, "acceptance_rate": 5 / 11}
     assert server.posts == posts
@@ -319,7 +321,7 @@ def test_stage1_resumes_after_an_interruption(tmp_path):
     ps = problems(6, seed=21)
     server = ScriptedChat({})
     try:
-        config = dg.RewriteConfig(out_dir=str(tmp_path / "run"), concurrency=1)
+        config = rewrite.RewriteConfig(out_dir=str(tmp_path / "run"), concurrency=1)
         seen = []
 
         def stop_after_two(result):
@@ -328,15 +330,15 @@ def test_stage1_resumes_after_an_interruption(tmp_path):
                 raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            dg.run_stage1(ps, client_for(server), config, on_result=stop_after_two)
+            rewrite.run_stage1(ps, client_for(server), config, on_result=stop_after_two)
         out = Path(config.out_dir)
         assert json.loads((out / "summary.json").read_text())["this_run"]["interrupted"] is True
-        assert [r["id"] for r in dg.read_jsonl(out / "accepted.jsonl")] == seen
+        assert [r["id"] for r in chat.read_jsonl(out / "accepted.jsonl")] == seen
         with (out / "accepted.jsonl").open("a") as f:
             f.write('{"id": "' + ps[5].id + '", "sta')  # torn by a crash: that sample is not finished
-        summary = dg.run_stage1(ps, client_for(server), config)
+        summary = rewrite.run_stage1(ps, client_for(server), config)
         assert summary["this_run"]["skipped_done"] == 2 and summary["this_run"]["processed"] == 4
-        ids = [r["id"] for r in dg.read_jsonl(out / "accepted.jsonl")]
+        ids = [r["id"] for r in chat.read_jsonl(out / "accepted.jsonl")]
         assert sorted(ids) == sorted(p.id for p in ps)
         assert server.posts == 3 * 6  # no request was sent twice: the in-flight sample's replies were cached
     finally:
@@ -348,28 +350,28 @@ def test_unreachable_server_gives_errors_that_the_next_run_retries(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ps = problems(2, seed=4)
-    config = dg.RewriteConfig(out_dir=str(tmp_path / "run"), concurrency=2)
-    down = dg.ChatClient(dg.ChatConfig(base_url=f"http://127.0.0.1:{port}", max_retries=0, connect_timeout=1))
-    run = dg.run_stage1(ps, down, config)["this_run"]
+    config = rewrite.RewriteConfig(out_dir=str(tmp_path / "run"), concurrency=2)
+    down = chat.ChatClient(chat.ChatConfig(base_url=f"http://127.0.0.1:{port}", max_retries=0, connect_timeout=1))
+    run = rewrite.run_stage1(ps, down, config)["this_run"]
     assert run["errors"] == 2 and run["reasons"] == {"error:mark/http": 2}
-    errors = dg.read_jsonl(Path(config.out_dir) / "errors.jsonl")
+    errors = chat.read_jsonl(Path(config.out_dir) / "errors.jsonl")
     assert all("ServerUnavailable" in e["reason"] for e in errors)
     server = ScriptedChat({})
     try:
-        assert dg.run_stage1(ps, client_for(server), config)["this_run"]["accepted"] == 2
+        assert rewrite.run_stage1(ps, client_for(server), config)["this_run"]["accepted"] == 2
     finally:
         server.close()
 
 
 def test_input_checks_reject_wrong_and_parallel_traces():
     p = problems(1)[0]
-    chat = dg.FunctionChat(dg.GroupSumRewriter())
+    model = chat.FunctionChat(rewrite.GroupSumRewriter())
     wrong = dataclasses.replace(p, sequential=p.sequential.replace(p.answer, "A=0"))
-    assert dg.rewrite_sample(wrong, chat).kind == "wrong_answer"
+    assert rewrite.rewrite_sample(wrong, model).kind == "wrong_answer"
     already = dataclasses.replace(p, sequential=p.parallel)
-    assert dg.rewrite_sample(already, chat).kind == "already_parallel"
-    assert chat.attempts == 0
-    nonsense = dg.rewrite_sample(p, dg.FunctionChat(lambda m: "42"))
+    assert rewrite.rewrite_sample(already, model).kind == "already_parallel"
+    assert model.attempts == 0
+    nonsense = rewrite.rewrite_sample(p, chat.FunctionChat(lambda m: "42"))
     assert (nonsense.status, nonsense.step, nonsense.kind) == ("rejected", "mark", "not_json")
 
 
@@ -460,13 +462,13 @@ def test_self_train_keeps_valid_correct_trajectories(char_tok):
     texts = [ps[0].parallel, ps[1].parallel.replace(f"\\boxed{{{ps[1].answer}}}", "\\boxed{A=0}"),
              "<think>\nno end", ps[3].sequential]
     engine = ReplayEngine(char_tok, [(p.prompt, t) for p, t in zip(ps, texts)])
-    result = dg.self_train(None, char_tok, ps, dg.SelfTrainConfig(max_new_tokens=400), engine=engine)
+    result = arc.self_train(None, char_tok, ps, arc.SelfTrainConfig(max_new_tokens=400), engine=engine)
     assert [r["reason"] for r in result.rows] == ["", "answer: wrong", "format: does not parse", ""]
     assert [p.id for p in result.problems] == [ps[0].id, ps[3].id]
     assert result.problems[0].parallel == ps[0].parallel and result.problems[1].parallel == ps[3].sequential
     assert result.counts["kept"] == 2 and result.counts["accuracy"] == 0.5 and result.counts["format_valid"] == 0.75
     assert result.stats == dg.trajectory_stats([ps[0].parallel, ps[3].sequential], char_tok)
-    only_parallel = dg.self_train(None, char_tok, ps, dg.SelfTrainConfig(require_parallel=True, require_correct=False,
+    only_parallel = arc.self_train(None, char_tok, ps, arc.SelfTrainConfig(require_parallel=True, require_correct=False,
                                                                         samples_per_prompt=2), engine=engine)
     assert [p.id for p in only_parallel.problems] == [ps[0].id, ps[1].id]
     assert [r["reason"] for r in only_parallel.rows][:2] == ["", "duplicate"]
@@ -475,11 +477,11 @@ def test_self_train_keeps_valid_correct_trajectories(char_tok):
 @pytest.mark.slow  # two SFTs, three decoding passes and four model loads: seconds, not milliseconds
 def test_run_arc_tiny(tmp_path):
     sft = {"max_steps": 2, "threads": 1, "tokens_per_batch": 512, "rows_per_micro_batch": 2, "log_every": 100}
-    config = dg.ArcConfig(out=str(tmp_path / "arc"), model=str(TOY), task_options=SMALL_TASK, n_seed=4, n_pool=3,
+    config = arc.ArcConfig(out=str(tmp_path / "arc"), model=str(TOY), task_options=SMALL_TASK, n_seed=4, n_pool=3,
                           n_eval=2, sft1=dict(sft), sft2=dict(sft), eval_max_new_tokens=200, eval_batch=4,
-                          self_train=dg.SelfTrainConfig(max_new_tokens=200, require_correct=False, batch_size=4),
+                          self_train=arc.SelfTrainConfig(max_new_tokens=200, require_correct=False, batch_size=4),
                           quiet=True)
-    report = dg.run_arc(config)
+    report = arc.run_arc(config)
     out = Path(config.out)
     assert {"seed", "sft1", "self_train", "sft2", "paper_format_correct"} <= set(report)
     assert 0 <= report["sft1"]["format_correct"] <= 1 and report["sft1"]["problems"] == 2
@@ -489,18 +491,18 @@ def test_run_arc_tiny(tmp_path):
     else:
         assert "skipped" in report["sft2"]
     stamp = (out / "sft1" / "final" / "model.safetensors").stat().st_mtime
-    assert dg.run_arc(config) == report  # everything done: nothing is recomputed
+    assert arc.run_arc(config) == report  # everything done: nothing is recomputed
     assert (out / "sft1" / "final" / "model.safetensors").stat().st_mtime == stamp
-    assert "sft1" in dg.format_arc(report)
+    assert "sft1" in arc.format_arc(report)
     assert report["keep"] == "format" and report["config"]["n_seed"] == 4
-    assert "self-training kept" in dg.format_arc(report) and "(format;" in dg.format_arc(report)
+    assert "self-training kept" in arc.format_arc(report) and "(format;" in arc.format_arc(report)
 
 
 def test_trajectory_html():
-    page = dg.trajectory_html(DISTANCE_EXAMPLE, "distance")
+    page = rewrite.trajectory_html(DISTANCE_EXAMPLE, "distance")
     assert page.count("display:flex") == 1 and "thread 2: Compute (y2-y1)^2." in page
-    assert dg.THREAD_COLOURS[0] in page and dg.THREAD_COLOURS[1] in page
-    assert "format error" in dg.trajectory_html("<Parallel>oops")
+    assert rewrite.THREAD_COLOURS[0] in page and rewrite.THREAD_COLOURS[1] in page
+    assert "format error" in rewrite.trajectory_html("<Parallel>oops")
 
 
 def test_shipped_arc_reports_are_consistent():
@@ -517,7 +519,7 @@ def test_shipped_arc_reports_are_consistent():
         assert report["config"]["model"] == "assets/checkpoints/tiny-base"  # from the shipped base
         for stage in ("sft1", "sft2"):
             assert report[stage]["problems"] == report["config"]["n_eval"] == 500
-        assert "sft2" in dg.format_arc(report)
+        assert "sft2" in arc.format_arc(report)
 
 
 def test_self_train_grades_math_prompts_with_math_verify(char_tok):
@@ -527,6 +529,6 @@ def test_self_train_grades_math_prompts_with_math_verify(char_tok):
     right = Problem("half", "math", "3/6?", "3/6?\n", "", "", "\\frac{1}{2}")
     wrong = Problem("third", "math", "2/6?", "2/6?\n", "", "", "\\frac{1}{3}")
     engine = ReplayEngine(char_tok, [(right.prompt, text), (wrong.prompt, text)])
-    result = dg.self_train(None, char_tok, [right, wrong], dg.SelfTrainConfig(max_new_tokens=200), engine=engine)
+    result = arc.self_train(None, char_tok, [right, wrong], arc.SelfTrainConfig(max_new_tokens=200), engine=engine)
     assert [(r["correct"], r["reason"]) for r in result.rows] == [(True, ""), (False, "answer: wrong")]
     assert [p.id for p in result.problems] == ["half"]

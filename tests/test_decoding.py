@@ -147,7 +147,7 @@ def test_sequential_decoder_ignores_outlines(tok):
     text = "<think>\nplain reasoning\n</think>\n\\boxed{3}"
     engine, pairs = oracle_for(text, "Q\n", tok)
     result = sequential_decoder(engine, tok).decode(tok.encode("Q\n"))
-    assert result.text == text and len(result.calls) == 1 and result.stats.speedup == 1.0
+    assert result.text == text and len(result.calls) == 1 and result.stats.self_parallelism == 1.0
 
 
 def test_decoder_requires_single_token_tags():

@@ -1,9 +1,9 @@
-"""twlib.sft under FSDP2 (twlib.distributed): data-parallel trie SFT reproduces one process, and resumes exactly from DCP checkpoints.
+"""twlib.train.sft under FSDP2 (twlib.train.fsdp): data-parallel trie SFT reproduces one process, and resumes exactly from DCP checkpoints.
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) works on CPU with the gloo backend in torch 2.13, so these
 tests run the real FSDP2 code path (no DDP fallback): two processes started with `torch.multiprocessing`
 on gloo, the tiny preset, a few steps. What they check:
-- 2 ranks give the loss curve (and grad norms, and final weights) of the single-process `twlib.sft.train`
+- 2 ranks give the loss curve (and grad norms, and final weights) of the single-process `twlib.train.sft.train`
   to 1e-4 relative per step, with 3 rows per step, so one rank gets 2 rows and the other 1 (+ a filler pass);
   also with activation checkpointing and the chunk-recomputing LM head switched on;
 - only rank 0 loads the base model; rank 1 builds it on the meta device and receives its shards;
@@ -11,7 +11,7 @@ on gloo, the tiny preset, a few steps. What they check:
   losses and the same weights as the uninterrupted 2-rank run;
 - 1 rank through the command line (`main`, no torchrun) gives the same curve too;
 - the building blocks: row split, micro-batch plan, the two LM-head modes, launch options, and
-  twlib.sft's new `gradient_checkpointing` field (same losses with and without).
+  twlib.train.sft's new `gradient_checkpointing` field (same losses with and without).
 The interruption is an exception raised on every rank after a step (as tests/test_sft.py does); the resumed
 run rebuilds model, optimizer and data from scratch and reads its state from the DCP checkpoint on disk.
 """
@@ -23,10 +23,11 @@ import pytest
 import torch
 from helpers import assert_same_curve, final_weights, free_port, read_metrics
 
-from twlib import checkpoint, distributed, sft
+from twlib import checkpoint
+from twlib.train import fsdp, sft
 from twlib.format import engine_calls
 from twlib.models import build_model
-from twlib.sft import SFTConfig
+from twlib.train.sft import SFTConfig
 from twlib.tokenizer import build_tokenizer
 from twlib.trie import IGNORE, collate, pack
 
@@ -51,14 +52,14 @@ def config(out_dir, **overrides) -> SFTConfig:
 
 def test_rank_rows_cover_the_step_once():
     chosen = torch.tensor([7, 3, 9, 1, 4])
-    parts = [distributed.rank_rows(chosen, r, 2) for r in range(2)]
+    parts = [fsdp.rank_rows(chosen, r, 2) for r in range(2)]
     assert parts[0].tolist() == [7, 9, 4] and parts[1].tolist() == [3, 1]
     assert sorted(torch.cat(parts).tolist()) == sorted(chosen.tolist())
 
 
 @pytest.mark.parametrize("n_step, world, per_micro", [(3, 2, 1), (5, 2, 2), (1, 2, 1), (8, 4, 2), (2, 1, 4)])
 def test_micro_batch_plan_gives_every_rank_the_same_passes(n_step, world, per_micro):
-    plans = [distributed.micro_batch_plan(len(range(r, n_step, world)), n_step, world, per_micro)
+    plans = [fsdp.micro_batch_plan(len(range(r, n_step, world)), n_step, world, per_micro)
              for r in range(world)]
     assert len({len(p) for p in plans}) == 1
     for r, plan in enumerate(plans):
@@ -68,12 +69,12 @@ def test_micro_batch_plan_gives_every_rank_the_same_passes(n_step, world, per_mi
 
 
 def test_kept_and_recomputed_lm_head_give_the_same_loss_and_gradients():
-    """TrieLoss's two LM-head modes (`--logits chunked|kept`) through twlib.sft.batch_loss, several chunks."""
+    """TrieLoss's two LM-head modes (`--logits chunked|kept`) through twlib.train.sft.batch_loss, several chunks."""
     tok = build_tokenizer()
     model = build_model("tiny", tok, seed=0)
     rows = collate([pack(engine_calls(BLOCK, "Q\n"), tok), pack([([1, 2, 3], [4, 5]), ([1, 2, 3, 6], [7])])])
     results = {}
-    for logits in distributed.LOGITS:
+    for logits in fsdp.LOGITS:
         model.zero_grad()
         loss, trained = sft.TrieLoss(model, "bool", logits, logits_chunk=7)(rows, 10.0)
         loss.backward()
@@ -86,15 +87,15 @@ def test_kept_and_recomputed_lm_head_give_the_same_loss_and_gradients():
 
 
 def test_launch_options_follow_the_launch_section_then_the_flags():
-    launch = distributed.launch_options(ROOT / "configs" / "qwen3-8b-sft.yaml")
+    launch = fsdp.launch_options(ROOT / "configs" / "qwen3-8b-sft.yaml")
     assert launch.gradient_checkpointing and launch.offload and launch.logits == "chunked"
     assert launch.logits_chunk == 4096 and launch.max_position_embeddings is None
-    launch = distributed.launch_options(ROOT / "configs" / "qwen3-8b-sft.yaml", offload=False,
+    launch = fsdp.launch_options(ROOT / "configs" / "qwen3-8b-sft.yaml", offload=False,
                                         max_position_embeddings=131072, logits=None)
     assert not launch.offload and launch.max_position_embeddings == 131072 and launch.logits == "chunked"
-    assert distributed.launch_options(ROOT / "configs" / "tiny-parallel.yaml") == distributed.Launch()
+    assert fsdp.launch_options(ROOT / "configs" / "tiny-parallel.yaml") == fsdp.Launch()
     with pytest.raises(sft.ConfigError, match="logits"):
-        distributed.launch_options(None, logits="full")
+        fsdp.launch_options(None, logits="full")
 
 
 def test_sft_gradient_checkpointing_keeps_the_losses(tmp_path):
@@ -133,7 +134,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             raise AssertionError("a model folder without weights trained")
         except sft.ConfigError as e:
             (Path(root) / f"load-error-{rank}.txt").write_text(str(e))
-        memory_savers = distributed.Launch(gradient_checkpointing=True, logits="chunked", logits_chunk=64)
+        memory_savers = fsdp.Launch(gradient_checkpointing=True, logits="chunked", logits_chunk=64)
         sft.train(config(Path(root) / "savers", checkpoint_every=0), quiet=True, launch=memory_savers)
 
         def stop(step, row):
@@ -150,7 +151,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         sft.train(config(Path(root) / "cut", resume=True), quiet=True)
     finally:
         dist.destroy_process_group()
-    distributed.exit_process()  # the results are on disk: skip the teardown race at exit
+    fsdp.exit_process()  # the results are on disk: skip the teardown race at exit
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""twlib.distributed_pgrpo: FSDP2 P-GRPO over ranks reproduces the single-process twlib.pgrpo run.
+"""twlib.train.pgrpo_fsdp: FSDP2 P-GRPO over ranks reproduces the single-process twlib.train.pgrpo run.
 
 Two processes on gloo (torch.multiprocessing), the toy checkpoint, 3 prompts per step over 2 ranks (one
 rank rolls out 2 groups, the other 1, so their micro-batch counts differ and filler passes run), a reward
@@ -9,7 +9,7 @@ that varies between rollouts (so every step has a gradient). What they check:
   that only holds if every rank's engine got the new weights after every step;
 - a run interrupted after step 3 (checkpoint at 2) and resumed ends where the uninterrupted run does;
 - only rank 0 loads the base model (rank 1 builds on the meta device and receives the weights);
-- `server` rollouts: each rank serves a RANDOMLY initialised model over HTTP (`twlib.engines.serve_hf`);
+- `server` rollouts: each rank serves a RANDOMLY initialised model over HTTP (`twlib.infra.server.serve_hf`);
   the trainer pushes its weights before the first step and after every step (safetensors + POST
   /load_weights), and the run again equals the single-process one.
 """
@@ -22,7 +22,8 @@ import pytest
 import torch
 from helpers import final_weights, free_port, read_metrics
 
-from twlib import checkpoint, distributed, distributed_pgrpo, pgrpo
+from twlib import checkpoint
+from twlib.train import fsdp, pgrpo, pgrpo_fsdp
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "assets" / "checkpoints" / "toy-parallel"
@@ -34,7 +35,7 @@ def length_reward(text, answer, stats):
     """Varies between rollouts of the barely trained toy model (its answers are all wrong)."""
     from twlib.rewards import Reward
 
-    return Reward(total=stats.total / 100.0, correct=False, acceleration=0.0, eta=stats.eta, speedup=stats.speedup)
+    return Reward(total=stats.total / 100.0, correct=False, acceleration=0.0, eta=stats.eta, self_parallelism=stats.self_parallelism)
 
 
 def odd_groups_reward(text, answer, stats):
@@ -42,7 +43,7 @@ def odd_groups_reward(text, answer, stats):
     from twlib.rewards import Reward
 
     total = stats.total / 100.0 if len(answer.split()) % 2 else 0.0
-    return Reward(total=total, correct=False, acceleration=0.0, eta=stats.eta, speedup=stats.speedup)
+    return Reward(total=total, correct=False, acceleration=0.0, eta=stats.eta, self_parallelism=stats.self_parallelism)
 
 
 # With 2 prompts a step and seed 1, the steps' groups are (idle, idle), (signal, signal), (idle, idle) and
@@ -68,7 +69,7 @@ def config(out_dir, **kw) -> pgrpo.PGRPOConfig:
 
 def test_groups_cover_the_step_once():
     for n, world in ((3, 2), (8, 3), (1, 4)):
-        parts = [distributed_pgrpo.my_groups(n, r, world) for r in range(world)]
+        parts = [pgrpo_fsdp.my_groups(n, r, world) for r in range(world)]
         assert sorted(g for p in parts for g in p) == list(range(n))
 
 
@@ -95,11 +96,11 @@ def test_per_rollout_seeds_make_rollouts_independent_of_the_batch():
 
 def test_command_line_help_and_bad_config(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        distributed_pgrpo.main(["--help"])
+        pgrpo_fsdp.main(["--help"])
     assert e.value.code == 0 and "--rollout" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("rollouts_per_prompt: 1\n")
-    assert distributed_pgrpo.main(["--config", str(bad)]) == 2
+    assert pgrpo_fsdp.main(["--config", str(bad)]) == 2
     assert "rollouts_per_prompt" in capsys.readouterr().err
 
 
@@ -108,7 +109,8 @@ def test_server_loads_weights_between_batches(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from twlib.decoding import HFEngine
-    from twlib.engines import RequestRejected, request_json, serve_hf
+    from twlib.engines import RequestRejected, request_json
+    from twlib.infra.server import serve_hf
 
     tok = AutoTokenizer.from_pretrained(str(TOY))
     served = AutoModelForCausalLM.from_pretrained(str(TOY)).eval()
@@ -133,7 +135,7 @@ def test_vllm_rollouts_call_sequence_with_a_recording_stand_in():
     """The order the colocated vLLM engine is driven in: weights woken, pushed (the weight sync reads the
     pairs handed to load_weights), KV cache woken, rollouts, then level-2 sleep. A stand-in records the
     calls; the real engine and weight sync run in the `vllm` tier (tests/test_vllm.py)."""
-    from twlib.distributed import Ranks
+    from twlib.train.fsdp import Ranks
 
     calls = []
 
@@ -152,7 +154,7 @@ def test_vllm_rollouts_call_sequence_with_a_recording_stand_in():
             calls.append(("send", [name for name, _ in engine.pending]))
             engine.llm.reset_prefix_cache()
 
-    engine = distributed_pgrpo.VLLMRollouts.__new__(distributed_pgrpo.VLLMRollouts)
+    engine = pgrpo_fsdp.VLLMRollouts.__new__(pgrpo_fsdp.VLLMRollouts)
     engine.llm, engine.sync, engine.can_sleep, engine.asleep, engine.pending = LLM(), Sync(), True, set(), ()
     ranks = Ranks(0, 1, 0, torch.device("cpu"), False)
     weights = [("a", torch.zeros(16)), ("b", torch.zeros(16)), ("c", torch.zeros(4))]
@@ -180,7 +182,7 @@ def test_server_rollouts_drive_vllms_weight_transfer_routes(tmp_path):
 
     from safetensors.torch import load_file
 
-    from twlib.distributed import Ranks
+    from twlib.train.fsdp import Ranks
     from twlib.engines import RequestRejected
 
     seen = []
@@ -202,7 +204,7 @@ def test_server_rollouts_drive_vllms_weight_transfer_routes(tmp_path):
     server.missing = False
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    rollouts = distributed_pgrpo.ServerRollouts.__new__(distributed_pgrpo.ServerRollouts)
+    rollouts = pgrpo_fsdp.ServerRollouts.__new__(pgrpo_fsdp.ServerRollouts)
     rollouts.urls, rollouts.sync_dir, rollouts.weight_token = [url], tmp_path / "sync", None
     rollouts.weight_api, rollouts.initialised = "vllm", set()
     ranks = Ranks(0, 1, 0, torch.device("cpu"), False)
@@ -250,7 +252,7 @@ def _random_server(tok, weight_dir):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from twlib.decoding import HFEngine
-    from twlib.engines import serve_hf
+    from twlib.infra.server import serve_hf
 
     torch.manual_seed(123)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(TOY))).eval()
@@ -267,36 +269,36 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     real_loader = checkpoint.load_base_model
     checkpoint.load_base_model = lambda *args, **kwargs: loads.append(args[0]) or real_loader(*args, **kwargs)
     try:
-        distributed_pgrpo.train(config(Path(root) / "full"), quiet=True)
+        pgrpo_fsdp.train(config(Path(root) / "full"), quiet=True)
 
         def stop(step, row):
             if step == INTERRUPT_AT:
                 raise Interrupt
 
         try:
-            distributed_pgrpo.train(config(Path(root) / "cut"), on_step=stop, quiet=True)
+            pgrpo_fsdp.train(config(Path(root) / "cut"), on_step=stop, quiet=True)
             raise AssertionError("the run was not interrupted")
         except Interrupt:
             pass
-        distributed_pgrpo.train(config(Path(root) / "cut", resume=True), quiet=True)
+        pgrpo_fsdp.train(config(Path(root) / "cut", resume=True), quiet=True)
 
-        distributed_pgrpo.train(config(Path(root) / "ppo", **PPO), quiet=True)
-        distributed_pgrpo.train(config(Path(root) / "skip", **SKIP), quiet=True)
-        distributed_pgrpo.train(config(Path(root) / "kl", **KL), quiet=True)
+        pgrpo_fsdp.train(config(Path(root) / "ppo", **PPO), quiet=True)
+        pgrpo_fsdp.train(config(Path(root) / "skip", **SKIP), quiet=True)
+        pgrpo_fsdp.train(config(Path(root) / "kl", **KL), quiet=True)
 
         server = _random_server(AutoTokenizer.from_pretrained(str(TOY)),
-                                Path(root) / "server" / distributed_pgrpo.SYNC_DIR)
+                                Path(root) / "server" / pgrpo_fsdp.SYNC_DIR)
         os.environ["TWLAB_WEIGHT_TOKEN"] = WEIGHT_TOKEN  # this spawned process only
         urls = [None] * world
         dist.all_gather_object(urls, server.url)
-        distributed_pgrpo.train(config(Path(root) / "server"), rollout="server", server_urls=urls, quiet=True)
+        pgrpo_fsdp.train(config(Path(root) / "server"), rollout="server", server_urls=urls, quiet=True)
         assert server.weight_loads == STEPS + 1, server.weight_loads  # before step 1, then after every step
         (Path(root) / f"loads-{rank}.json").write_text(json.dumps(loads))
     finally:
         if server is not None:
             server.close()
         dist.destroy_process_group()
-    distributed.exit_process()  # the results are on disk: skip the teardown race at exit
+    fsdp.exit_process()  # the results are on disk: skip the teardown race at exit
 
 
 def _single_process(tmp_path_factory, name: str, **kw) -> Path:
@@ -376,7 +378,7 @@ def test_two_ranks_match_the_single_process_run(single, two_ranks):
 @pytest.mark.slow
 def test_only_rank_0_loads_the_base_model(two_ranks):
     """Every run (policy, and the KL run's sharded reference too) loads the base model once, on rank 0; rank 1
-    builds on the meta device and receives the weights (twlib.distributed.shard_from_rank0)."""
+    builds on the meta device and receives the weights (twlib.train.fsdp.shard_from_rank0)."""
     runs = 7  # full, cut, its resumption, ppo, skip, kl, server
     assert json.loads((two_ranks / "loads-0.json").read_text()) == [str(TOY)] * runs
     assert json.loads((two_ranks / "loads-1.json").read_text()) == []
@@ -390,7 +392,7 @@ def test_interrupted_run_resumes_to_the_same_result(single, two_ranks):
 @pytest.mark.slow
 def test_server_rollouts_with_weight_sync_match(single, two_ranks):
     assert_same_run(two_ranks / "server", single)
-    assert (two_ranks / "server" / distributed_pgrpo.SYNC_DIR / "model.safetensors").is_file()
+    assert (two_ranks / "server" / pgrpo_fsdp.SYNC_DIR / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -19,10 +19,8 @@ import pytest
 from twlib.decoding import (
     Completion, DecodeConfig, HFEngine, ParallelDecoder, Request, SamplingParams, sequential_decoder,
 )
-from twlib.engines import (
-    LLAMA_CPP_NEUTRAL_SAMPLING, BadResponse, EngineError, OpenAICompletionsEngine, RequestRejected,
-    ServerTimeout, ServerUnavailable, VLLMEngine, completion_payload, parse_completion, serve_hf,
-)
+from twlib.engines import LLAMA_CPP_NEUTRAL_SAMPLING, BadResponse, EngineError, OpenAICompletionsEngine, RequestRejected, ServerTimeout, ServerUnavailable, VLLMEngine, completion_payload, parse_completion
+from twlib.infra.server import serve_hf
 from twlib.tasks import make_splits
 
 TOY = Path(__file__).resolve().parent.parent / "assets" / "checkpoints" / "toy-parallel"

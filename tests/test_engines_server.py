@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def setup():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from twlib.sft import eval_problems, load_config
+    from twlib.train.sft import eval_problems, load_config
 
     kind = os.environ.get("TWLAB_SERVER_KIND", "vllm")
     if kind not in SERVER_KINDS:

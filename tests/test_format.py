@@ -173,13 +173,13 @@ def test_path_stats_by_hand():
     assert stats.total == sequential + 7 + 5
     assert stats.longest == sequential + 7
     assert stats.eta == pytest.approx(1 - stats.longest / stats.total)
-    assert stats.speedup == pytest.approx(stats.total / stats.longest)
+    assert stats.self_parallelism == pytest.approx(stats.total / stats.longest)
     assert (stats.blocks, stats.threads) == (1, 2)
 
 
 def test_path_stats_sequential_and_empty():
-    assert path_stats("hello").speedup == 1.0 and path_stats("hello").total == 5
-    assert path_stats("").total == 0 and path_stats("").speedup == 1.0
+    assert path_stats("hello").self_parallelism == 1.0 and path_stats("hello").total == 5
+    assert path_stats("").total == 0 and path_stats("").self_parallelism == 1.0
 
 
 def test_path_stats_is_tolerant_of_malformed_outputs(rng):

@@ -106,7 +106,7 @@ def test_sft_loads_a_hub_id_from_the_cache(cache):
 def test_plan_reads_a_cached_hub_ids_config(cache):
     """plan --dry-run: a cached hub id gives its own config.json; an uncached one falls back to the name."""
     from twlib.models import tiny_config
-    from twlib.plan import resolve_model as plan_model
+    from twlib.infra.planner import resolve_model as plan_model
 
     config = tiny_config("tiny", vocab_size=300)
     snap = snapshot(cache, "Org/Qwen3-8B", {})  # named like a Qwen3 size, but the cached config wins

@@ -6,7 +6,7 @@
   the gradients as close to fp32's as the plain version's.
 - Memory: the peak of a forward + backward over a long trie row, measured in a fresh process as the growth
   of its peak resident set (VmHWM, reset through /proc/self/clear_refs just before), against
-  `twlib.plan`'s LM-head term for the same shapes: a tiny body (no decoder layer: the row's memory is the
+  `twlib.infra.plan`'s LM-head term for the same shapes: a tiny body (no decoder layer: the row's memory is the
   head's) and Qwen3's 151,936-token vocabulary. Recomputed: fp32 at 8,192 tokens and bf16 at 4,096 within
   -10%/+15% of the planner's `chunked` estimate, which does not grow with the row; kept (`recompute=False`):
   within the same band of the planner's `kept` estimate, several times the chunked one. The test fails if
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from twlib import plan
+from twlib.infra import plan
 from twlib.format import engine_calls
 from twlib.lm_head import ChunkLogprobs, head_logprobs, logprobs_from_logits
 from twlib.models import build_model
@@ -153,7 +153,7 @@ def measure(tokens: int, chunk: int, dtype: str, recompute: bool) -> dict:
 
 
 def planned(tokens: int, chunk: int, dtype: str, mode: str, hidden: int) -> float:
-    """twlib.plan's LM-head term: the head's input (T x h) + logits_bytes."""
+    """twlib.infra.plan's LM-head term: the head's input (T x h) + logits_bytes."""
     compute = 2 if dtype == "bfloat16" else 4
     shape = plan.ModelShape("lm-head-test", vocab=VOCAB, hidden=hidden, layers=0, heads=2, kv_heads=1, head_dim=16,
                             intermediate=96, tied=True)

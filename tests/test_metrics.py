@@ -79,7 +79,7 @@ def test_the_sft_trainer_logs_its_rows_to_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     from test_sft import config
 
-    from twlib.sft import train
+    from twlib.train.sft import train
 
     train(config(tmp_path, tensorboard=True), quiet=True)
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
@@ -92,7 +92,7 @@ def test_the_pgrpo_trainer_logs_its_rows_to_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     from test_pgrpo import _config
 
-    from twlib import pgrpo
+    from twlib.train import pgrpo
 
     pgrpo.train(_config(tmp_path, steps=2, tensorboard=True), quiet=True)
     out = next(p.parent for p in tmp_path.rglob("metrics.csv"))

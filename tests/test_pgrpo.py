@@ -1,4 +1,4 @@
-"""twlib.rewards and twlib.pgrpo: reward forms, advantages, the packed loss equals the per-call loss (value
+"""twlib.rewards and twlib.train.pgrpo: reward forms, advantages, the packed loss equals the per-call loss (value
 and gradients), a 2-step smoke run changes every parameter, exact resume, clear config errors."""
 
 import math
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from twlib import pgrpo
+from twlib.train import pgrpo
 from twlib.decoding import CallRecord, DecodeResult
 from twlib.format import engine_calls, path_stats
 from twlib.models import build_model
@@ -36,17 +36,17 @@ def problems():
 def test_reward_forms_by_hand(problems):
     p = next(p for p in problems if p.meta["k"] >= 3)
     s = path_stats(p.parallel)
-    assert 0 < s.eta < 1 and s.speedup > 1
+    assert 0 < s.eta < 1 and s.self_parallelism > 1
     assert acceleration_reward(s, "paper", 0.5, 0.2) == pytest.approx(min(0.5 * s.eta, 0.2))
     assert acceleration_reward(s, "code", 0.5, 0.2) == pytest.approx(0.5 * min(s.eta, 0.2))
-    assert acceleration_reward(s, "readme", 0.5, 0.2) == pytest.approx(0.5 * min(s.speedup - 1, 0.2))
+    assert acceleration_reward(s, "readme", 0.5, 0.2) == pytest.approx(0.5 * min(s.self_parallelism - 1, 0.2))
     # a small eta: the three forms give three different numbers (the paper and the code disagree)
     from twlib.format import PathStats
-    small = PathStats(total=100, longest=90, eta=0.1, speedup=100 / 90)
+    small = PathStats(total=100, longest=90, eta=0.1, self_parallelism=100 / 90)
     values = {f: acceleration_reward(small, f) for f in ("paper", "code", "readme")}
     assert values["paper"] == pytest.approx(0.05) and values["code"] == pytest.approx(0.05)
     assert values["readme"] == pytest.approx(0.5 * (100 / 90 - 1))
-    big = PathStats(total=100, longest=40, eta=0.6, speedup=2.5)
+    big = PathStats(total=100, longest=40, eta=0.6, self_parallelism=2.5)
     assert acceleration_reward(big, "paper") == pytest.approx(0.2)  # min(0.3, 0.2)
     assert acceleration_reward(big, "code") == pytest.approx(0.1)  # 0.5 * min(0.6, 0.2)
 
@@ -219,7 +219,7 @@ def _length_reward(text, answer, stats):
     """A reward that varies between rollouts of a barely trained model (its answers are all wrong)."""
     from twlib.rewards import Reward
 
-    return Reward(total=stats.total / 100.0, correct=False, acceleration=0.0, eta=stats.eta, speedup=stats.speedup)
+    return Reward(total=stats.total / 100.0, correct=False, acceleration=0.0, eta=stats.eta, self_parallelism=stats.self_parallelism)
 
 
 def test_idle_steps_move_adam_unless_skipped(tok, problems):
@@ -293,7 +293,7 @@ def test_sequential_grpo_runs_through_the_same_code(tmp_path):
 
 
 def test_config_errors_name_the_field(tmp_path):
-    from twlib.sft import ConfigError
+    from twlib.train.sft import ConfigError
 
     with pytest.raises(ConfigError, match="rollouts_per_prompt"):
         pgrpo.load_pgrpo_config(None, ["rollouts_per_prompt=1"])

@@ -1,4 +1,4 @@
-"""twlib.plan: formula parameter counts match the meta-device models, memory terms scale as they should
+"""twlib.infra.plan: formula parameter counts match the meta-device models, memory terms scale as they should
 (sharded terms halve with twice the GPUs, activations linear in T, dense masks quadratic), the paper's
 8B SFT fits on 8 x 80 GB only when sharded, LoRA counts match peft, and the CLI (help, dry run of every
 configs/qwen3-*.yaml, bad configs, JSON) behaves."""
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from twlib import plan
+from twlib.infra import plan, planner
 from twlib.models import QWEN3_CONFIGS, build_model, count_parameters, meta_model
-from twlib.plan import GIB, PlanConfig, make_plan, model_shape
+from twlib.infra.plan import GIB, PlanConfig, make_plan, model_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN3_YAMLS = sorted((ROOT / "configs").glob("qwen3-*.yaml"))
@@ -28,7 +28,7 @@ def test_formula_parameter_count_equals_meta_model(name):
     shape = model_shape(name)
     model = meta_model(name)
     assert plan.param_count(shape) == count_parameters(model)
-    units = plan.sharding_units(model)
+    units = planner.sharding_units(model)
     assert len(units) == shape.layers + 1
     assert units[0][1] == plan.layer_params(shape)
     assert units[-1][1] == plan.root_params(shape)
@@ -162,7 +162,7 @@ def test_chunked_logits_do_not_grow_with_tokens_but_full_logits_do():
 def test_the_8b_dry_run_needs_no_lm_head_warning(capsys):
     """twlib.trie.logprobs recomputes each LM-head chunk, so the launch section's `logits: chunked` is what runs:
     no note that the planned LM head differs from the code's (it said 27.0 GiB instead of 6.1 before)."""
-    assert plan.main(["--dry-run", str(Path(__file__).resolve().parent.parent / "configs" / "qwen3-8b-sft.yaml")]) == 0
+    assert planner.main(["--dry-run", str(Path(__file__).resolve().parent.parent / "configs" / "qwen3-8b-sft.yaml")]) == 0
     out = capsys.readouterr().out
     assert "LM head / logits (chunked)" in out and "logits 'chunked' needs" not in out
     assert "recomputes each chunk by default" not in out  # the note printed for `logits: kept` plans
@@ -232,7 +232,7 @@ def test_table_and_str():
 
 
 def test_help_runs():
-    done = subprocess.run([sys.executable, "-m", "twlib.plan", "--help"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "twlib.infra.planner", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "--dry-run" in done.stdout and "--price" in done.stdout
@@ -246,22 +246,22 @@ def test_there_are_the_qwen3_configs():
 
 @pytest.mark.parametrize("path", QWEN3_YAMLS, ids=lambda p: p.name)
 def test_dry_run_of_every_qwen3_config(path, capsys):
-    assert plan.main(["--dry-run", str(path)]) == 0
+    assert planner.main(["--dry-run", str(path)]) == 0
     out = capsys.readouterr().out
     assert "sharding plan" in out and "(equal)" in out and "fits" in out and "DOES NOT FIT" not in out
 
 
 def test_dry_run_8b_shards_over_8_gpus():
-    report, p = plan.dry_run_plan(ROOT / "configs" / "qwen3-8b-sft.yaml")
+    report, p = planner.dry_run_plan(ROOT / "configs" / "qwen3-8b-sft.yaml")
     assert p.config.gpus == 8 and p.config.sharding == "zero3" and p.config.tokens == 40960
     assert p.params == count_parameters("Qwen3-8B")
     assert "model.layers.0..35" in report and f"{-(-plan.layer_params(p.shape) // 8):,}" in report
 
 
 def test_pgrpo_dry_run_counts_the_kl_reference():
-    report, p = plan.dry_run_plan(ROOT / "configs" / "qwen3-8b-pgrpo.yaml")
+    report, p = planner.dry_run_plan(ROOT / "configs" / "qwen3-8b-pgrpo.yaml")
     assert "reference model" not in report                       # kl_coef 0, as the paper
-    report, p = plan.dry_run_plan(ROOT / "configs" / "qwen3-8b-pgrpo.yaml", ["kl_coef=0.1"])
+    report, p = planner.dry_run_plan(ROOT / "configs" / "qwen3-8b-pgrpo.yaml", ["kl_coef=0.1"])
     shards = p.params * 4 / 8 / plan.GIB                         # fp32 shards of bf16-mixed, over 8 GPUs
     assert f"reference model adds its shards, {shards:.2f} GiB per GPU" in report
 
@@ -286,20 +286,20 @@ def write_broken(tmp_path, old, new) -> Path:
 ])
 def test_broken_config_exits_2_and_names_the_field(tmp_path, capsys, old, new, field):
     path = write_broken(tmp_path, old, new)
-    assert plan.main(["--dry-run", str(path)]) == 2
+    assert planner.main(["--dry-run", str(path)]) == 2
     err = capsys.readouterr().err
     assert field in err and "error" in err
 
 
 def test_missing_config_exits_2(tmp_path, capsys):
-    assert plan.main(["--dry-run", str(tmp_path / "nope.yaml")]) == 2
+    assert planner.main(["--dry-run", str(tmp_path / "nope.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
 
 
 def test_cli_json_parses(capsys):
     argv = ["--model", "Qwen3-8B", "--gpus", "8", "--gpu", "h100-80gb", "--tokens", "40960", "--price", "2.5",
             "--json"]
-    assert plan.main(argv) == 0
+    assert planner.main(argv) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["config"]["gpus"] == 8 and data["price_per_hour"] == 2.5
     assert data["fits"]["SFT"] is True
@@ -310,12 +310,12 @@ def test_cli_json_parses(capsys):
 
 
 def test_cli_bad_value_exits_2(capsys):
-    assert plan.main(["--gpu", "h200-141gb"]) == 2
+    assert planner.main(["--gpu", "h200-141gb"]) == 2
     assert "gpu" in capsys.readouterr().err
 
 
-TRAINERS = {"sft": "twlib.sft", "pgrpo": "twlib.pgrpo",
-            "distributed_pgrpo": "twlib.distributed_pgrpo"}
+TRAINERS = {"sft": "twlib.train.sft", "pgrpo": "twlib.train.pgrpo",
+            "distributed_pgrpo": "twlib.train.pgrpo_fsdp"}
 
 
 @pytest.mark.parametrize("name", TRAINERS)

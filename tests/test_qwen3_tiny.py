@@ -9,9 +9,9 @@ chat template and data formats, in the order the runbook gives them, from a work
 configs' relative paths (models/, data/, runs/) resolve:
 
   prepare-model --preset -> data --chat-template (SFT trajectories) -> prompts --chat-template (math pool)
-  -> plan --dry-run and the trainers' --dry-run -> sft (one process) -> torchrun 2 ranks of twlib.distributed
+  -> plan --dry-run and the trainers' --dry-run -> sft (one process) -> torchrun 2 ranks of twlib.train.fsdp
   (FSDP2 on gloo) -> pgrpo (task: math, math-verify), one process and torchrun 2 ranks of
-  twlib.distributed_pgrpo -> python -m twlib.eval (state-machine decoding, graded)
+  twlib.train.pgrpo_fsdp -> python -m twlib.eval (state-machine decoding, graded)
 
 Real assertions, each able to fail: the first SFT loss is ln(151,936) (a 151k-way softmax at random init)
 and it falls at every step on one repeated batch; the 2-rank loss curve, grad norms and final weights equal
@@ -97,7 +97,7 @@ def sft_run(work, data):
 @pytest.fixture(scope="module")
 def two_ranks(work, sft_run):
     """The same config over 2 processes: torchrun + FSDP2 on gloo, memory levers from the launcher block."""
-    twlib_cmd(work, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "-m", "twlib.sft",
+    twlib_cmd(work, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "-m", "twlib.train.sft",
               "--config", SFT_CONFIG, "--set", "out_dir=runs/qwen3-tiny-sft-2ranks", timeout=420)
     return work / "runs" / "qwen3-tiny-sft-2ranks"
 
@@ -133,8 +133,8 @@ def test_dry_runs(argv, capsys):
     assert "over 2 GPU(s)" in out  # the launcher block: 2 ranks, FSDP
 
 
-@pytest.mark.parametrize("module, config", [("twlib.sft", SFT_CONFIG),
-                                            ("twlib.distributed_pgrpo", PGRPO_CONFIG)])
+@pytest.mark.parametrize("module, config", [("twlib.train.sft", SFT_CONFIG),
+                                            ("twlib.train.pgrpo_fsdp", PGRPO_CONFIG)])
 def test_distributed_dry_runs(module, config, capsys):
     import importlib
 
@@ -268,7 +268,7 @@ def test_state_machine_decodes_chat_prompts(work, sft_run, data):
 
 
 def test_pgrpo_with_math_verify(pgrpo_run):
-    from twlib.pgrpo import METRICS_FIELDS, load_pgrpo_config
+    from twlib.train.pgrpo import METRICS_FIELDS, load_pgrpo_config
 
     config = load_pgrpo_config(PGRPO_CONFIG)
     rows = read_metrics(pgrpo_run)
@@ -283,11 +283,11 @@ def test_pgrpo_with_math_verify(pgrpo_run):
 
 
 def test_distributed_pgrpo_two_ranks_match_one_process(work, pgrpo_run):
-    """torchrun + twlib.distributed_pgrpo (FSDP2 trainer, an HFEngine per rank): rank r rolls out its own prompt
+    """torchrun + twlib.train.pgrpo_fsdp (FSDP2 trainer, an HFEngine per rank): rank r rolls out its own prompt
     groups, each rollout seeded on its own, so the step's rollouts (tokens, rewards, paths) are the single
     process's exactly; losses and weights to 1e-4."""
     twlib_cmd(work, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "-m",
-              "twlib.distributed_pgrpo", "--config", PGRPO_CONFIG, "--rollout", "hf", "--set",
+              "twlib.train.pgrpo_fsdp", "--config", PGRPO_CONFIG, "--rollout", "hf", "--set",
               "out_dir=runs/qwen3-tiny-pgrpo-2ranks", timeout=420)
     out = work / "runs" / "qwen3-tiny-pgrpo-2ranks"
     rows, reference = read_metrics(out), read_metrics(pgrpo_run)
@@ -306,11 +306,11 @@ def test_distributed_pgrpo_two_ranks_match_one_process(work, pgrpo_run):
 def test_pgrpo_update_with_advantages_moves_the_weights(work, sft_run, data, tmp_path):
     """The same config in process with a stand-in reward that differs within groups (response length), so the
     P-GRPO update on the real vocabulary has a non-zero loss and gradient; the weights must move."""
-    from twlib.pgrpo import load_pgrpo_config, train
+    from twlib.train.pgrpo import load_pgrpo_config, train
     from twlib.rewards import Reward
 
     def length_reward(text, answer, stats):
-        return Reward(total=len(text) / 100, correct=False, acceleration=0.0, eta=stats.eta, speedup=stats.speedup)
+        return Reward(total=len(text) / 100, correct=False, acceleration=0.0, eta=stats.eta, self_parallelism=stats.self_parallelism)
 
     config = load_pgrpo_config(PGRPO_CONFIG, [f"model={sft_run / 'final'}", f"data={data / 'math-prompts.parquet'}",
                                               f"out_dir={tmp_path / 'pgrpo'}", "steps=1"])

@@ -79,8 +79,8 @@ def test_unprepared_tokenizer_is_refused_naming_the_tags_and_the_fix(qwen3_token
     # the decoder and both trainers refuse it before doing anything else
     with pytest.raises(TagsNotSingleTokens, match=r"<Outlines> -> \[27, 2662, 7969, 29\]"):
         ParallelDecoder(Replay({}, qwen3_tokenizer), qwen3_tokenizer)
-    from twlib.pgrpo import PGRPOConfig, train as pgrpo_train
-    from twlib.sft import SFTConfig, train as sft_train
+    from twlib.train.pgrpo import PGRPOConfig, train as pgrpo_train
+    from twlib.train.sft import SFTConfig, train as sft_train
 
     folder = tmp_path / "unprepared"
     model = tiny_qwen3(qwen3_tokenizer, VOCAB)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from twlib.decoding import HFEngine
-from twlib.engines import WEIGHT_TOKEN_ENV, main as serve_main, serve_hf
+from twlib.infra.server import WEIGHT_TOKEN_ENV, main as serve_main, serve_hf
 
 TOY = Path(__file__).resolve().parent.parent / "assets" / "checkpoints" / "toy-parallel"
 TOKEN = "s3cret-token"

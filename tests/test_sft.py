@@ -1,4 +1,4 @@
-"""twlib.sft: the loss is the packed trie loss, training learns, resume is exact, checkpoints are atomic,
+"""twlib.train.sft: the loss is the packed trie loss, training learns, resume is exact, checkpoints are atomic,
 config errors name the field and the file, the CLI runs end to end, LoRA trains adapters only, and the
 sequential / causal modes build chains."""
 
@@ -13,11 +13,12 @@ import pytest
 import torch
 import yaml
 
-from twlib import checkpoint, sft
+from twlib import checkpoint
+from twlib.train import sft
 from twlib.cli import main as cli_main
 from twlib.format import engine_calls
 from twlib.models import build_model
-from twlib.sft import ConfigError, DataError, SFTConfig, load_config, train
+from twlib.train.sft import ConfigError, DataError, SFTConfig, load_config, train
 from twlib.tasks import generate, save_parquet
 from twlib.tokenizer import build_tokenizer
 from twlib.trie import IGNORE, sequence_logprobs, tokenize_calls

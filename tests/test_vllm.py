@@ -12,7 +12,7 @@ model (`assets/checkpoints/tiny-pgrpo`, the one that opens parallel blocks) and 
    model's weights it generates exactly what that model generates under transformers, and no blocks;
 3. `vllm serve` (OpenAI API server, weight-transfer routes on) + `OpenAICompletionsEngine` gives the same
    texts as `HFEngine`, and takes new weights through its HTTP routes (`ServerRollouts`, --weight-api vllm);
-4. `twlib.distributed_pgrpo.train(rollout="vllm")` runs two P-GRPO steps with vLLM rollouts, and its
+4. `twlib.train.pgrpo_fsdp.train(rollout="vllm")` runs two P-GRPO steps with vLLM rollouts, and its
    engine ends up generating what the saved final checkpoint generates under transformers: the weights
    reached the engine after the last step.
 Environment: TWLAB_VLLM_N eval problems (default 16); VLLM_CPU_KVCACHE_SPACE GiB of KV cache (default 1).
@@ -33,7 +33,7 @@ vllm = pytest.importorskip("vllm", reason="vllm is not installed here: bash scri
                                           ".venv-vllm/bin/python -m pytest -m vllm tests/test_vllm.py")
 
 from twlib.decoding import DecodeConfig, HFEngine, ParallelDecoder, sequential_decoder  # noqa: E402
-from twlib.distributed import Ranks  # noqa: E402
+from twlib.train.fsdp import Ranks  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -51,7 +51,7 @@ CPU = Ranks(0, 1, 0, torch.device("cpu"), False)
 def setup():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from twlib.sft import eval_problems, load_config
+    from twlib.train.sft import eval_problems, load_config
 
     tok = AutoTokenizer.from_pretrained(POLICY)
     problems = eval_problems(load_config(str(ROOT / "configs" / "tiny-parallel.yaml")))[:N]
@@ -127,7 +127,7 @@ def policy_pairs(model):
 
 @pytest.fixture(scope="module")
 def rollouts(setup, tmp_path_factory):
-    from twlib.distributed_pgrpo import VLLMRollouts
+    from twlib.train.pgrpo_fsdp import VLLMRollouts
 
     tok = setup[0]
     engine = VLLMRollouts(str(POLICY), tok, CPU, tmp_path_factory.mktemp("sync"), dtype="float32",
@@ -203,7 +203,7 @@ def server(tmp_path_factory):
 def test_vllm_serve_equals_hf_engine_and_takes_weights_over_http(setup, server, tmp_path):
     import torch.distributed as dist
 
-    from twlib.distributed_pgrpo import ServerRollouts
+    from twlib.train.pgrpo_fsdp import ServerRollouts
 
     tok, prompts, models, expected = setup
     remote = ServerRollouts([server], tok, tmp_path / "sync", CPU, "vllm", weight_api="vllm")
@@ -224,8 +224,8 @@ def test_vllm_serve_equals_hf_engine_and_takes_weights_over_http(setup, server, 
 def test_distributed_pgrpo_with_vllm_rollouts_syncs_every_step(setup, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from twlib import distributed_pgrpo
-    from twlib.pgrpo import load_pgrpo_config
+    from twlib.train import pgrpo_fsdp
+    from twlib.train.pgrpo import load_pgrpo_config
 
     tok, prompts, _, _ = setup
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -236,15 +236,15 @@ def test_distributed_pgrpo_with_vllm_rollouts_syncs_every_step(setup, tmp_path, 
         "rollout_batch=16",
         "lr=3e-4", "device=cpu", "checkpoint_every=0"])
     engines = []
-    real = distributed_pgrpo.VLLMRollouts
+    real = pgrpo_fsdp.VLLMRollouts
 
     class Recorded(real):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             engines.append(self)
 
-    monkeypatch.setattr(distributed_pgrpo, "VLLMRollouts", Recorded)
-    result = distributed_pgrpo.train(config, rollout="vllm", quiet=True,
+    monkeypatch.setattr(pgrpo_fsdp, "VLLMRollouts", Recorded)
+    result = pgrpo_fsdp.train(config, rollout="vllm", quiet=True,
                                      vllm_kwargs={"max_model_len": 2048, "dtype": "float32"})
     assert result.steps == 2 and result.rollout == "vllm"
     trained = AutoModelForCausalLM.from_pretrained(result.final_dir).eval()

@@ -1,27 +1,25 @@
-"""ThreadWeaver Lab helper library.
+"""ThreadWeaver Lab helper library (README "Architecture": the layout and the path of one training step).
 
-Modules (each opens with a docstring listing its design choices):
+Lessons (what the notebooks derive; each module opens with its design choices):
 - `twlib.format`: the parallel trajectory format (parse, render, the state machine's calls, path stats).
-- `twlib.trie`: calls -> one packed trie row, ancestor-only masks, packed log-probs.
-- `twlib.tokenizer`: a character-level tokenizer with every tag as one special token; the tag check and
-  chat-template helpers for a real Qwen3 tokenizer.
-- `twlib.models`: tiny Qwen3 presets and the real Qwen3 configs.
-- `twlib.hub`: a model name (folder or hub id) -> a local folder, from the Hugging Face cache only.
-- `twlib.prepare`: `prepare-model`, the thread tags added to a real model as single tokens.
+- `twlib.trie`: calls -> one packed trie row, ancestor-only masks, packed log-probs (`twlib.lm_head`: chunks).
+- `twlib.tokenizer`, `twlib.models`: the byte tokenizer with single-token tags; tiny Qwen3 presets, Qwen3 configs.
 - `twlib.tasks`: seeded synthetic tasks with sequential and parallel trajectories and graders.
-- `twlib.sft`: trie SFT, the sequential baseline and the leakage ablation (YAML configs, exact resume).
 - `twlib.decoding`: the `Engine` protocol, the 5-phase state machine, the in-process `HFEngine`.
-- `twlib.engines`: `OpenAICompletionsEngine` (any /v1/completions server), `VLLMEngine`, `serve_hf`.
-- `twlib.rewards`, `twlib.pgrpo`: correctness + acceleration rewards; P-GRPO on group-packed trie rows.
-- `twlib.datagen`: two-stage parallel data generation (strong-model rewriting, self-training), Table-8 stats.
-- `twlib.distributed`: FSDP2 trie SFT under torchrun (same rows and loss as twlib.sft).
-- `twlib.distributed_pgrpo`: FSDP2 P-GRPO under torchrun, one rollout engine per rank (HF, colocated vLLM
-  or HTTP servers) with the weights synced after every step (same rollouts and loss as twlib.pgrpo).
-- `twlib.plan`: memory/time/cost planner for Qwen3 SFT and RL, and config dry runs.
-- `twlib.eval`: accuracy, critical paths, speed-ups, wall clock, figures.
-- `twlib.pipeline`: the tiny end-to-end run; `twlib.viz`: figures and the mask explorer;
-  `twlib.cli`: `python -m twlib demo | pipeline | sft | pgrpo | eval | data | prompts | plan | prepare-model |
-  rewrite | arc | serve` (`--help` and `--version` import no torch).
+- `twlib.rewards`, `twlib.eval`, `twlib.claims`, `twlib.viz`: rewards; accuracy, critical paths, speed-ups;
+  the three claims; figures.
+- `twlib.datagen`: data generation's pure steps (stage-1 rewriting) and the Table 8 statistics.
+Trainers:
+- `twlib.config` (typed configs, YAML + --set, `launch:`), `twlib.checkpoint` (loading, RNG, checkpoints).
+- `twlib.train.sft`: trie SFT, one loop for one process or N FSDP2 ranks (`twlib.train.runs`, `.fsdp`, `.data`).
+- `twlib.train.pgrpo`: P-GRPO in one process; `twlib.train.pgrpo_fsdp`: under torchrun with weight-synced engines.
+Infrastructure:
+- `twlib.engines`: `OpenAICompletionsEngine` (any /v1/completions server), `VLLMEngine`.
+- `twlib.infra.server` (`serve_hf`), `twlib.infra.plan` / `.sizes` / `.planner` (estimates, dry runs),
+  `twlib.infra.chat` / `.rewrite` / `.arc` (data-generation I/O, self-training, the arc).
+- `twlib.hub`, `twlib.prepare`, `twlib.vllm_weights`; `twlib.pipeline` (the main job); `twlib.cli`:
+  `python -m twlib demo | pipeline | sft | pgrpo | eval | data | prompts | plan | prepare-model | rewrite | arc | serve`
+  (`--help` and `--version` import no torch).
 """
 
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@
     python -m twlib data --task groupsum --n-train 2000 --n-eval 500 --out data/ [--chat-template TOKENIZER]
     python -m twlib prompts --jsonl rl.jsonl --out pool.parquet [--chat-template TOKENIZER]
     python -m twlib prepare-model --model Qwen/Qwen3-8B --out models/Qwen3-8B-threadweaver
-    python -m twlib serve --model DIR [--allow-weight-updates DIR]   (twlib.engines)
+    python -m twlib serve --model DIR [--allow-weight-updates DIR]   (twlib.infra.server)
     python -m twlib --version
 
 Design choices
@@ -163,7 +163,7 @@ def evaluate_command(args) -> int:
 
     from twlib.decoding import DecodeConfig, HFEngine, ParallelDecoder, sequential_decoder
     from twlib.eval import accuracy_by_k, evaluate, summarize, write_rows
-    from twlib.sft import eval_problems, load_config
+    from twlib.train.sft import eval_problems, load_config
 
     from twlib.hub import ModelNotFound, resolve_model
 
@@ -217,19 +217,19 @@ def pipeline(args) -> int:
 
 
 def sft(args) -> int:
-    from twlib.sft import main_args
+    from twlib.train.sft import main_args
 
     return main_args(args)
 
 
 def plan(args) -> int:
-    from twlib.plan import main_args
+    from twlib.infra.planner import main_args
 
     return main_args(args)
 
 
 def pgrpo(args) -> int:
-    from twlib.pgrpo import main_args
+    from twlib.train.pgrpo import main_args
 
     return main_args(args)
 
@@ -252,21 +252,21 @@ def _chat_tokenizer(name: str):
 # Commands whose arguments live in their own module (importing it imports torch): their sub-parser is only
 # built when that command runs, so `python -m twlib --help` and `--version` stay fast.
 LAZY = {
-    "sft": ("twlib.sft", "supervised fine-tuning from a YAML config (twlib.sft)",
+    "sft": ("twlib.train.sft", "supervised fine-tuning from a YAML config (twlib.train.sft)",
             "Trie SFT (mode parallel), the sequential baseline or the leakage ablation (mode causal); see "
-            "twlib/sft.py and configs/tiny-*.yaml", sft),
-    "pgrpo": ("twlib.pgrpo", "P-GRPO (or GRPO for the sequential baseline) from a YAML config (twlib.pgrpo)",
-              "Parallelization-aware GRPO on sampled state-machine rollouts; see twlib/pgrpo.py and "
+            "twlib/train/sft.py and configs/tiny-*.yaml", sft),
+    "pgrpo": ("twlib.train.pgrpo", "P-GRPO (or GRPO for the sequential baseline) from a YAML config (twlib.train.pgrpo)",
+              "Parallelization-aware GRPO on sampled state-machine rollouts; see twlib/train/pgrpo.py and "
               "configs/tiny-pgrpo*.yaml", pgrpo),
-    "plan": ("twlib.plan", "memory/time/cost plan for Qwen3 SFT and RL; --dry-run CONFIG (twlib.plan)", None, plan),
+    "plan": ("twlib.infra.planner", "memory/time/cost plan for Qwen3 SFT and RL; --dry-run CONFIG (twlib.infra.plan)", None, plan),
     "prepare-model": ("twlib.prepare", "add the thread tags to a real model as single tokens (resized, "
                       "initialised embeddings) into a new folder (twlib.prepare)", None, prepare_model),
 }
 # Commands whose whole argument parsing belongs to another module's main(argv).
 FORWARDED = {
-    "rewrite": ("data generation stage 1: rewrite sequential traces with a strong model", "twlib.datagen"),
-    "arc": ("data generation arc: seed SFT, self-training, second SFT (twlib.datagen)", "twlib.datagen"),
-    "serve": ("serve a checkpoint as /v1/completions (teaching stand-in for vLLM; twlib.engines)", "twlib.engines"),
+    "rewrite": ("data generation stage 1: rewrite sequential traces with a strong model", "twlib.infra.rewrite"),
+    "arc": ("data generation arc: seed SFT, self-training, second SFT (twlib.infra.arc)", "twlib.infra.rewrite"),
+    "serve": ("serve a checkpoint as /v1/completions (teaching stand-in for vLLM; twlib.infra.server)", "twlib.infra.server"),
 }
 
 

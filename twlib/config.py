@@ -279,7 +279,7 @@ def _checker(config, source: str):
 class LaunchConfig:
     """How a run is launched: what the planner's dry run estimates and the FSDP2 trainers apply.
 
-    gpus, gpu            GPUs of the launch (torchrun --nproc_per_node) and their kind (a twlib.plan.GPUS key;
+    gpus, gpu            GPUs of the launch (torchrun --nproc_per_node) and their kind (a twlib.infra.plan.GPUS key;
                          planner numbers only)
     sharding             "none" | "fsdp" | "zero3" (the planner; the FSDP2 trainers always shard fully)
     offload_optimizer    FSDP2 CPUOffloadPolicy (parameters, gradients and the optimizer step on the CPU)
@@ -306,7 +306,7 @@ class LaunchConfig:
         self.logits = LOGITS_ALIASES.get(self.logits, self.logits)
         choice("sharding", SHARDINGS)
         choice("logits", LOGITS_MODES)
-        # gpu and precision name entries of the planner's tables: twlib.plan checks them in the dry run
+        # gpu and precision name entries of the planner's tables: twlib.infra.plan checks them in the dry run
         for name in ("gpus", "logits_chunk"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
@@ -317,7 +317,7 @@ class LaunchConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Trie SFT (twlib.sft)
+# Trie SFT (twlib.train.sft)
 
 
 @dataclass
@@ -332,7 +332,7 @@ class SFTConfig:
                      split (the eval split stays held out; `python -m twlib data` writes the same split).
                      With `data`, `n_train` (if set) keeps the first n problems.
     task_options     keyword arguments of the task's config class, e.g. {max_groups: 3}
-    mode             "parallel" | "sequential" | "causal" (see twlib.sft)
+    mode             "parallel" | "sequential" | "causal" (see twlib.train.sft)
     loss_policy      "completions" (the state machine's completion tokens) | "paper" (every response token)
     lr, min_lr_ratio, warmup (fraction of steps), weight_decay, betas, eps, grad_clip (<= 0: off)
     epochs, max_steps  max_steps (if set) wins and fixes the schedule length
@@ -465,7 +465,7 @@ def _check_problems(config: SFTConfig, bad) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# P-GRPO (twlib.pgrpo)
+# P-GRPO (twlib.train.pgrpo)
 
 
 @dataclass
@@ -489,7 +489,7 @@ class PGRPOConfig:
                        yet AdamW's momentum still moves the weights (measured: parallel ratio 0.41 -> 0.02 over
                        such steps from the 33% tiny model at lr 1e-3). Off by default, as the reference.
     lr, warmup (fraction of steps, then constant), weight_decay, betas, grad_clip
-    packing            "group" | "trajectory" | "call" (see twlib.pgrpo); tokens_per_batch: row budget
+    packing            "group" | "trajectory" | "call" (see twlib.train.pgrpo); tokens_per_batch: row budget
     seed, device, threads, dtype, attn, checkpoint_every, resume, out_dir, log_every, progress
     tensorboard        also write out_dir/tensorboard event files beside metrics.csv (twlib.metrics; offline)
     launch             LaunchConfig: GPUs, sharding, offload, LM-head mode (the planner and the FSDP2 run)

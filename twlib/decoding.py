@@ -145,14 +145,14 @@ def _require_token(tokenizer, text: str) -> int:
 
 
 class ParallelDecoder:
-    """The 5-phase state machine over any `Engine`. `parallel=False` gives the sequential decoder."""
+    """The 5-phase state machine over any `Engine`. `allow_blocks=False` never opens a block (`sequential_decoder`)."""
 
-    def __init__(self, engine: Engine, tokenizer, config: DecodeConfig = DecodeConfig(), parallel: bool = True):
+    def __init__(self, engine: Engine, tokenizer, config: DecodeConfig = DecodeConfig(), allow_blocks: bool = True):
         if config.thread_mode not in ("batched", "serial"):
             raise ValueError(f"thread_mode must be 'batched' or 'serial', got {config.thread_mode!r}")
-        self.engine, self.tokenizer, self.config, self.parallel = engine, tokenizer, config, parallel
+        self.engine, self.tokenizer, self.config, self.allow_blocks = engine, tokenizer, config, allow_blocks
         self.eos = tokenizer.eos_token_id
-        if parallel:
+        if allow_blocks:
             from twlib.tokenizer import require_single_token_tags
 
             require_single_token_tags(tokenizer)  # every tag one token, or an error naming the fix
@@ -184,7 +184,7 @@ class ParallelDecoder:
         context, calls, flags = list(prompt_ids) + self.encode(cfg.response_prefix), [], []
         generated, blocks, finished = len(context) - len(prompt_ids), 0, False
         limit = self.engine.max_context
-        seq_stops = (self.outlines_close, self.eos) if self.parallel else (self.eos,)
+        seq_stops = (self.outlines_close, self.eos) if self.allow_blocks else (self.eos,)
 
         def room() -> int:
             return min(cfg.max_new_tokens - generated, limit - len(context))
@@ -275,7 +275,7 @@ class ParallelDecoder:
 
         `seeds` (one per prompt) seed every request of a problem on its own, so that a sampled result is a
         function of (weights, prompt, seed) alone: the same whatever the batch size, the other prompts or
-        the rank that decodes it (P-GRPO's rollouts rely on this; `twlib.distributed_pgrpo`)."""
+        the rank that decodes it (P-GRPO's rollouts rely on this; `twlib.train.pgrpo_fsdp`)."""
         single = bool(prompts) and isinstance(prompts[0], int)
         prompt_list = [list(prompts)] if single else [list(p) for p in prompts]
         if seeds is not None:
@@ -324,7 +324,7 @@ def request_seed(seed: int, n: int) -> int:
 
 def sequential_decoder(engine: Engine, tokenizer, config: DecodeConfig = DecodeConfig()) -> ParallelDecoder:
     """The sequential baseline's decoder: one call per problem, stopping at EOS only."""
-    return ParallelDecoder(engine, tokenizer, config, parallel=False)
+    return ParallelDecoder(engine, tokenizer, config, allow_blocks=False)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -416,12 +416,12 @@ DISTANCE_EXAMPLE = (
 
 @dataclass(frozen=True)
 class PathStats:
-    """total T, longest (critical) path L, eta = 1 - L/T (a fraction saved), speedup = T/L (self-parallelism)."""
+    """total T, longest (critical) path L, eta = 1 - L/T (a fraction saved), self_parallelism = T/L."""
 
     total: int
     longest: int
     eta: float
-    speedup: float
+    self_parallelism: float  # T/L (not a speed-up: that is eval.compare's T_seq/L)
     blocks: int = 0
     threads: int = 0
 

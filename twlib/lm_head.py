@@ -11,7 +11,7 @@ Design choices
   the chunk's head input (C x hidden), the targets and the C log-sum-exps, never a C x vocab tensor. The
   backward recomputes z and forms the gradient in place, d log p_t / dz = onehot(t) - softmax(z), so one
   chunk costs one fp32 C x vocab buffer (+ the head's output before the fp32 cast: 2 bytes per entry in
-  bf16): 4 B per entry in fp32, 6 B in bf16, what `twlib.plan.logits_bytes` counts for mode "chunked".
+  bf16): 4 B per entry in fp32, 6 B in bf16, what `twlib.infra.plan.logits_bytes` counts for mode "chunked".
   Autograd's log-softmax keeps the logits and allocates two more C x vocab tensors in its backward.
 - Same numbers as the plain version (`logprobs_from_logits` on `head(hidden)`, autograd): the forward
   computes the same max-shifted sum of exponentials; the backward the same products (tested to 1e-6).

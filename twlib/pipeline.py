@@ -98,7 +98,7 @@ def _common(cfg: PipelineConfig, out: Path, model: str) -> list[str]:
 
 def train_stage(stage: str, cfg: PipelineConfig) -> dict:
     """Run (or skip, if done) one SFT stage from the base; returns its training summary."""
-    from twlib.sft import load_config, train
+    from twlib.train.sft import load_config, train
 
     out = Path(cfg.out) / stage
     summary_path = out / "train_summary.json"
@@ -117,7 +117,7 @@ def train_stage(stage: str, cfg: PipelineConfig) -> dict:
 
 def train_pgrpo(cfg: PipelineConfig) -> dict:
     """P-GRPO on the stage-1 model (configs/tiny-pgrpo.yaml), skipped when done; returns its summary."""
-    from twlib.pgrpo import load_pgrpo_config, train
+    from twlib.train.pgrpo import load_pgrpo_config, train
 
     out = Path(cfg.out) / "pgrpo"
     summary_path = out / "train_summary.json"
@@ -138,7 +138,7 @@ def train_pgrpo(cfg: PipelineConfig) -> dict:
 
 def held_out(cfg: PipelineConfig):
     """The held-out problems of the stage configs, and the oracle ceiling of their fully parallel forms."""
-    from twlib.sft import eval_problems, load_config
+    from twlib.train.sft import eval_problems, load_config
     from twlib.tasks import oracle_ceiling
 
     config = load_config(Path(cfg.configs) / "tiny-parallel.yaml", list(cfg.overrides))

@@ -52,7 +52,7 @@ class Reward:
     correct: bool
     acceleration: float  # the bonus actually paid (0 when incorrect)
     eta: float
-    speedup: float  # self-parallelism T / L
+    self_parallelism: float  # T/L (not a speed-up: that is eval.compare's T_seq/L)
 
 
 def acceleration_reward(stats: PathStats, form: str = "paper", rho: float = 0.5, rho_clip: float = 0.2) -> float:
@@ -65,7 +65,7 @@ def acceleration_reward(stats: PathStats, form: str = "paper", rho: float = 0.5,
         return rho * min(stats.eta, rho_clip)
     if form == "readme":
         # RL README: factor * min(acceleration_ratio - 1, clip_max), acceleration ratio = T / L
-        return rho * min(stats.speedup - 1.0, rho_clip)
+        return rho * min(stats.self_parallelism - 1.0, rho_clip)
     if form == "none":
         return 0.0
     raise ValueError(f"unknown acceleration form {form!r}: expected one of {ACCELERATION_FORMS}")
@@ -112,4 +112,4 @@ def score(response: str, answer: Any, config: RewardConfig = RewardConfig(), sta
     bonus = acceleration_reward(stats, config.acceleration, config.rho, config.rho_clip) if correct else 0.0
     total = (config.correct_reward + bonus) if correct else config.incorrect_reward
     return Reward(total=float(total), correct=bool(correct), acceleration=float(bonus),
-                  eta=float(stats.eta), speedup=float(stats.speedup))
+                  eta=float(stats.eta), self_parallelism=float(stats.self_parallelism))

@@ -191,7 +191,7 @@ class TagsNotSingleTokens(ValueError):
 def require_single_token_tags(tokenizer, model: str | None = None) -> dict[str, int]:
     """`tag_ids(tokenizer)`, or TagsNotSingleTokens naming every tag that splits (with its pieces) and the
     command that fixes it (`python -m twlib prepare-model`). Called where a run starts: the trainers
-    (twlib.sft, twlib.pgrpo) and the parallel decoder, so an unprepared Qwen3 fails at once, not as a
+    (twlib.train.sft, twlib.train.pgrpo) and the parallel decoder, so an unprepared Qwen3 fails at once, not as a
     silently wrong trie or a decoder that never sees `</Outlines>`."""
     ids, split = _tag_tokens(tokenizer)
     if not split:

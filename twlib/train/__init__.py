@@ -1,2 +1,2 @@
 """The trainers' machinery: training data (`data`), where the loop runs (`runs`: one process or one FSDP2
-rank). The loops themselves are `twlib.sft` and `twlib.pgrpo`."""
+rank). The loops themselves are `twlib.train.sft` and `twlib.train.pgrpo`."""

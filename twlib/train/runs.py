@@ -1,16 +1,16 @@
 """Where the SFT loop runs: one process (`LocalRun`) or one rank of N under FSDP2 (`FSDPRun`).
 
-`twlib.sft`'s loop is written once against these two: it asks the run for this rank's share of a step's
+`twlib.train.sft`'s loop is written once against these two: it asks the run for this rank's share of a step's
 rows, the step's global trained-token count, the clipped global grad norm, sums over ranks, and for
 checkpoints and the final save. With one process every answer is the local one.
 
 Design choices
 - `LocalRun` trains the plain model: LoRA, autocast and the eval hook work only here; its checkpoints are
   `save_pretrained` folders plus the optimizer state (twlib.checkpoint), resumed exactly.
-- `FSDPRun` shards the model with FSDP2 (twlib.distributed: rank-0 loading, DCP checkpoints that re-shard
+- `FSDPRun` shards the model with FSDP2 (twlib.train.fsdp: rank-0 loading, DCP checkpoints that re-shard
   on load, the final save gathered to rank 0). A rank with fewer rows than another runs zero-weighted
   filler passes so the collectives match. No LoRA under FSDP2 (refused), no eval hook (ignored).
-- The loss module is passed in (`root`, twlib.sft.TrieLoss): under FSDP2 it is the root unit.
+- The loss module is passed in (`root`, twlib.train.sft.TrieLoss): under FSDP2 it is the root unit.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from twlib import checkpoint
-from twlib import distributed as fsdp
+from twlib.train import fsdp as fsdp
 from twlib.checkpoint import (enable_gradient_checkpointing, load_checkpoint_state, load_tokenizer, resolve_runtime,
                               save_model, set_rng_state)
 from twlib.config import ConfigError, DataError, save_config
@@ -132,7 +132,7 @@ class LocalRun:
 
 class FSDPRun(LocalRun):
     """One rank of N (torchrun; or world size 1 with `--fsdp`): FSDP2 units, rank-0 loading, this rank's
-    rows of each step, a global N and grad norm, DCP checkpoints (twlib.distributed)."""
+    rows of each step, a global N and grad norm, DCP checkpoints (twlib.train.fsdp)."""
 
     def __init__(self, config, launch, source: str | None, log):
         if config.lora:

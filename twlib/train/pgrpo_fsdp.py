@@ -1,10 +1,10 @@
 """Distributed P-GRPO: an FSDP2 trainer whose rollout engines get the new weights after every step.
 
-    torchrun --nproc_per_node 8 -m twlib.distributed_pgrpo --config configs/qwen3-8b-pgrpo.yaml --rollout vllm
-    torchrun --nproc_per_node 2 -m twlib.distributed_pgrpo --config configs/tiny-pgrpo.yaml --set device=cpu
-    python -m twlib.distributed_pgrpo --config configs/tiny-pgrpo.yaml --rollout server --server-url URL
+    torchrun --nproc_per_node 8 -m twlib.train.pgrpo_fsdp --config configs/qwen3-8b-pgrpo.yaml --rollout vllm
+    torchrun --nproc_per_node 2 -m twlib.train.pgrpo_fsdp --config configs/tiny-pgrpo.yaml --set device=cpu
+    python -m twlib.train.pgrpo_fsdp --config configs/tiny-pgrpo.yaml --rollout server --server-url URL
 
-One step (the algorithm of `twlib.pgrpo`, whose pieces are reused, not copied):
+One step (the algorithm of `twlib.train.pgrpo`, whose pieces are reused, not copied):
 
     prompts    P = step_prompts(pool, seed, step)              the same list on every rank
     mine       groups g of P with g mod W == rank              each rank rolls out whole groups
@@ -17,7 +17,7 @@ One step (the algorithm of `twlib.pgrpo`, whose pieces are reused, not copied):
 Because a rollout's sampling depends only on (weights, prompt, its seed) and a group's advantages only on
 its own rewards, W ranks draw exactly the rollouts of one process, and the summed gradient is the
 single-process gradient (up to float summation order). tests/test_distributed_pgrpo.py checks this on
-CPU/gloo against `twlib.pgrpo.train`: same per-step rewards, losses, grad norms and final weights, also with
+CPU/gloo against `twlib.train.pgrpo.train`: same per-step rewards, losses, grad norms and final weights, also with
 the rollouts going through HTTP servers that receive the weights by the `server` sync below.
 
 Rollout engines (`--rollout`), one per rank, and how the weights reach them
@@ -49,23 +49,23 @@ Rollout engines (`--rollout`), one per rank, and how the weights reach them
   step (there, colocate with `--rollout vllm`, or use vLLM's `nccl` backend: not wired here).
 
 Memory (colocated, per GPU): the trainer's shards + gathered layer + the engine's own bf16 copy + its KV
-cache. `twlib.plan` prints the split for a config (`python -m twlib plan --dry-run CONFIG`); vLLM's
+cache. `twlib.infra.plan` prints the split for a config (`python -m twlib plan --dry-run CONFIG`); vLLM's
 `gpu_memory_utilization` must be the fraction left once the trainer is sharded (docs/full_scale.md).
 
-Checkpoints: `twlib.distributed`'s DCP checkpoints (model + AdamW shards, scheduler, trainer state; atomic
+Checkpoints: `twlib.train.fsdp`'s DCP checkpoints (model + AdamW shards, scheduler, trainer state; atomic
 swap); a resumed run syncs the restored weights to the engines before its first rollout and, since prompts
 and seeds are functions of (seed, step), repeats exactly the steps an uninterrupted run would take
-(tested). metrics.csv has `twlib.pgrpo.METRICS_FIELDS`, written by rank 0.
+(tested). metrics.csv has `twlib.train.pgrpo.METRICS_FIELDS`, written by rank 0.
 
 Deviations and limits
 - `kl_coef > 0` (the paper and its code use 0) shards a frozen copy of the starting model beside the
-  policy, with the same FSDP units; its log-probs enter the k3 penalty as in `twlib.pgrpo` (tested equal
+  policy, with the same FSDP units; its log-probs enter the k3 penalty as in `twlib.train.pgrpo` (tested equal
   over 2 ranks). It costs one more set of parameter shards per GPU and one more forward per micro-batch.
 - `packing: group` puts all k rollouts of a prompt in one trie row; at the paper's 40,960-token budget use
   `trajectory` (configs/qwen3-8b-pgrpo.yaml does).
-- Loading as in `twlib.distributed`: only rank 0 materialises the base model; every rank builds the
+- Loading as in `twlib.train.fsdp`: only rank 0 materialises the base model; every rank builds the
   policy (and the KL reference) on the meta device, shards it and receives rank 0's weights
-  (`twlib.distributed.shard_from_rank0`). `--rollout hf` then gives every rank an unsharded copy on its
+  (`twlib.train.fsdp.shard_from_rank0`). `--rollout hf` then gives every rank an unsharded copy on its
   device (the engine's weights), which is what an in-process engine needs.
 """
 
@@ -85,10 +85,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from twlib import distributed, pgrpo, sft
-from twlib.distributed import Launch, Ranks, init_ranks, precision
-from twlib.pgrpo import METRICS_FIELDS, PGRPOConfig, PolicyBatch, Rollout, load_pgrpo_config
-from twlib.sft import ConfigError, DataError
+from twlib.train import fsdp, pgrpo, sft
+from twlib.train.fsdp import Launch, Ranks, init_ranks, precision
+from twlib.train.pgrpo import METRICS_FIELDS, PGRPOConfig, PolicyBatch, Rollout, load_pgrpo_config
+from twlib.train.sft import ConfigError, DataError
+from twlib.checkpoint import truncate_metrics
 from twlib.trie import collate, logprobs, pack
 
 __all__ = ["PolicyLogprobs", "HFRollouts", "VLLMRollouts", "ServerRollouts", "my_groups", "full_parameters",
@@ -157,7 +158,7 @@ class HFRollouts(_AlwaysAwake):
 
     def __init__(self, module, model_config, tokenizer, ranks: Ranks, device: torch.device, dtype: torch.dtype,
                  attn: str):
-        self.model = distributed.meta_model_like(model_config, attn, dtype).eval().requires_grad_(False)
+        self.model = fsdp.meta_model_like(model_config, attn, dtype).eval().requires_grad_(False)
         self.model.to_empty(device=device)
         self.model.tie_weights()  # to_empty gives each module its own new parameter: tie them again
         buffers = {name.removeprefix("model."): b for name, b in module.named_buffers()}
@@ -260,7 +261,8 @@ class ServerRollouts(_AlwaysAwake):
 
     def __init__(self, urls: Sequence[str], tokenizer, sync_dir: Path, ranks: Ranks, server_kind: str = "vllm",
                  max_context: int | None = None, weight_token: str | None = None, weight_api: str = "twlib"):
-        from twlib.engines import WEIGHT_TOKEN_ENV, engine_for_server
+        from twlib.engines import engine_for_server
+        from twlib.infra.server import WEIGHT_TOKEN_ENV
 
         if not urls:
             raise ConfigError("--rollout server needs at least one --server-url")
@@ -307,7 +309,8 @@ class ServerRollouts(_AlwaysAwake):
         """Tell one server to load the folder: `twlib serve`'s POST /load_weights, or vLLM's weight-transfer
         routes (init once, then start / update / finish; the folder is the `twlib_safetensors` backend's
         update info), then drop its prefix cache."""
-        from twlib.engines import WEIGHT_TOKEN_ENV, RequestRejected, request_json
+        from twlib.engines import RequestRejected, request_json
+        from twlib.infra.server import WEIGHT_TOKEN_ENV
 
         path = str(self.sync_dir.resolve())
         headers = {"Authorization": f"Bearer {self.weight_token}"} if self.weight_token else {}
@@ -359,7 +362,7 @@ def _filler(tokenizer, problems) -> PolicyBatch:
 
 
 def _all_sum(values: Sequence[float], device) -> list[float]:
-    return distributed._all_sum(list(values), device)
+    return fsdp.all_sum(list(values), device)
 
 
 def _all_max(value: int, device) -> int:
@@ -370,7 +373,7 @@ def _all_max(value: int, device) -> int:
 
 def update(module, optimizer, batch: PolicyBatch | None, filler: PolicyBatch, config: PGRPOConfig,
            ranks: Ranks, ref_module=None) -> dict:
-    """`twlib.pgrpo.update` over ranks: every rank runs the same number of passes (fillers where it has
+    """`twlib.train.pgrpo.update` over ranks: every rank runs the same number of passes (fillers where it has
     fewer micro-batches); the loss is normalised by the global N, gradients are summed by FSDP.
     `ref_module`: the sharded frozen starting model, for the KL term when kl_coef > 0."""
     if (config.skip_idle_steps and config.kl_coef == 0
@@ -403,7 +406,7 @@ def update(module, optimizer, batch: PolicyBatch | None, filler: PolicyBatch, co
                 n_active = int((part.counts > 0).sum())
                 clipped += lp.clip_frac * n_active
                 active += n_active
-        grad_norm = distributed._clip(optimizer, config.grad_clip)
+        grad_norm = fsdp.clip_gradients(optimizer, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_sum, kl_sum, clipped, active = _all_sum([loss_sum, kl_sum, clipped, active], ranks.device)
@@ -480,7 +483,7 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
         if ranks.main and not quiet:
             print(message, flush=True)
 
-    rt = sft.resolve_runtime(distributed._with_device(config, ranks.device))
+    rt = sft.resolve_runtime(fsdp.with_device(config, ranks.device))
     storage_dtype, mp_policy = precision(config, ranks.device)
     out_dir = Path(config.out_dir)
     if ranks.main:
@@ -490,13 +493,13 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
     torch.manual_seed(config.seed)
 
     tokenizer = sft.load_tokenizer(config.model)
-    full, model_config = distributed.load_base_on_rank0(config, tokenizer, rt, storage_dtype, ranks, source)
+    full, model_config = fsdp.load_base_on_rank0(config, tokenizer, rt, storage_dtype, ranks, source)
     ref_module = None
-    if config.kl_coef > 0:  # the frozen starting model (as twlib.pgrpo's reference), sharded like the policy
-        ref_module, _ = distributed.shard_from_rank0(full, model_config, ranks, rt, storage_dtype,
+    if config.kl_coef > 0:  # the frozen starting model (as twlib.train.pgrpo's reference), sharded like the policy
+        ref_module, _ = fsdp.shard_from_rank0(full, model_config, ranks, rt, storage_dtype,
                                                      replace(launch, gradient_checkpointing=False), mp_policy,
                                                      root=PolicyLogprobs, trainable=False)
-    module, _ = distributed.shard_from_rank0(full, model_config, ranks, rt, storage_dtype, launch, mp_policy,
+    module, _ = fsdp.shard_from_rank0(full, model_config, ranks, rt, storage_dtype, launch, mp_policy,
                                              root=PolicyLogprobs)
     del full  # rank 0's full copy: every rank now holds its shards
     # hf: an unsharded copy filled from the shards; vLLM measures free GPU memory at start-up: after sharding
@@ -510,7 +513,7 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
     optimizer, scheduler = pgrpo.make_optimizer(module, config)
     start = 0
     if checkpoint is not None:
-        trainer = distributed._load_checkpoint(checkpoint, module, optimizer, scheduler, ranks)
+        trainer = fsdp.load_dcp_checkpoint(checkpoint, module, optimizer, scheduler, ranks)
         start = int(trainer["step"])
         sync()  # the engines still hold the starting weights
         log(f"resumed from {checkpoint} at step {start} (saved by {trainer.get('world_size')} rank(s), "
@@ -523,7 +526,7 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
     if ranks.main:
         if start == 0 and metrics_path.exists():
             metrics_path.unlink()
-        pgrpo._truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start, METRICS_FIELDS)
     log(f"distributed pgrpo: {ranks.world} rank(s) on {ranks.device.type}, rollouts {engines.name}, mode "
         f"{config.mode}, {config.prompts_per_step} prompts x {config.rollouts_per_prompt} rollouts, {config.steps} "
         f"steps, packing {config.packing}, reward {config.acceleration}, std_normalize {config.std_normalize}")
@@ -566,7 +569,7 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
                 log(pgrpo.step_line(row, config.steps))
             done = step + 1
             if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
-                distributed._save_checkpoint(out_dir, module, optimizer, scheduler,
+                fsdp.save_dcp_checkpoint(out_dir, module, optimizer, scheduler,
                                              {"step": done, "world_size": ranks.world, "format": "dcp"},
                                              config, ranks)
             if on_step is not None:
@@ -575,7 +578,7 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
         if writer_file:
             writer_file.close()
 
-    final_dir = distributed._save_final(out_dir, module, model_config, tokenizer, config, ranks)
+    final_dir = fsdp.save_final(out_dir, module, model_config, tokenizer, config, ranks)
     result = DistPGRPOResult(config.steps, str(final_dir), str(out_dir), time.perf_counter() - wall, ranks.world,
                              engines.name, first or {}, last or {})
     if ranks.main:
@@ -603,7 +606,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "'{\"backend\": \"twlib_safetensors\"}')")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="--rollout vllm: the fraction of GPU memory vLLM may take beside the trainer")
-    return distributed.add_launch_arguments(parser)
+    return fsdp.add_launch_arguments(parser)
 
 
 def main_args(args: argparse.Namespace) -> int:
@@ -611,7 +614,7 @@ def main_args(args: argparse.Namespace) -> int:
         print("error: --config is required", file=sys.stderr)
         return 2
     if args.dry_run:
-        from twlib.plan import print_dry_run
+        from twlib.infra.planner import print_dry_run
 
         return print_dry_run(args)
     try:
@@ -620,7 +623,7 @@ def main_args(args: argparse.Namespace) -> int:
             config.resume = True
         vllm_kwargs = ({"gpu_memory_utilization": args.gpu_memory_utilization}
                        if args.gpu_memory_utilization is not None else None)
-        train(config, distributed.launch_from_args(args), args.rollout, args.server_url, args.server_kind,
+        train(config, fsdp.launch_from_args(args), args.rollout, args.server_url, args.server_kind,
               vllm_kwargs, source=str(args.config), weight_api=args.weight_api)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -629,10 +632,10 @@ def main_args(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m twlib.distributed_pgrpo",
+    parser = add_arguments(argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m twlib.train.pgrpo_fsdp",
                                                    description=__doc__.split("\n")[0]))
     return main_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    distributed.exit_process(main())  # skips a teardown race at exit (see its docstring)
+    fsdp.exit_process(main())  # skips a teardown race at exit (see its docstring)

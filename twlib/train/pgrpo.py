@@ -34,7 +34,7 @@ Design choices, and where we deviate from the reference
 - Rollouts use `HFEngine` in process (a fresh engine each step: its prefix cache never survives a weight
   update). Every rollout is sampled with its own seed, from (seed, step, group, j), and prompts are drawn
   from (seed, step) alone, so a resumed run repeats exactly the steps an uninterrupted run would take
-  (tested: same weights), and a run split over ranks draws the same rollouts (`twlib.distributed_pgrpo`,
+  (tested: same weights), and a run split over ranks draws the same rollouts (`twlib.train.pgrpo_fsdp`,
   which shares this module's rollouts, batches and loss, and adds FSDP2 and weight-synced engines).
 - Diagnostics per step (metrics.csv, progress bar): reward mean, mean in-group reward std, fraction of
   groups with zero std (no learning signal), accuracy, parallel rate, mean eta, mean self-parallelism,
@@ -65,13 +65,15 @@ from twlib.checkpoint import (console, find_checkpoint, fork_rng, load_base_mode
                               torch_threads, truncate_metrics)
 from twlib.config import PACKINGS, ConfigError, PGRPOConfig, load_pgrpo_config, save_config
 from twlib.metrics import MetricsLog
-from twlib.plan import add_dry_run_argument, print_dry_run
-from twlib.sft import param_groups
+from twlib.infra.planner import add_dry_run_argument, print_dry_run
+from twlib.train.sft import param_groups
 from twlib.train.data import load_problems
 from twlib.tokenizer import require_single_token_tags
 from twlib.trie import PackedTrie, collate, logprobs, pack
 
 TRUNCATION_FLAGS = ("truncated", "token_budget", "thread_unclosed", "context_overflow", "iteration_cap")
+# "speedup": the mean self-parallelism T/L of the step's rollouts (PathStats.self_parallelism); the shipped curves
+# keep the column name. The speed-up against the sequential model, T_seq/L, is twlib.eval.compare's.
 METRICS_FIELDS = ["step", "reward", "reward_std", "zero_std_groups", "accuracy", "parallel_rate", "eta",
                   "speedup", "critical_path", "total_tokens", "truncation_rate", "invalid_rate", "loss",
                   "kl", "clip_frac", "grad_norm", "lr", "rollout_s", "update_s", "trie_tokens",
@@ -281,7 +283,7 @@ def collect_rollouts(model, tokenizer, problems: Sequence, config: PGRPOConfig, 
 
     `groups` are the problems' indices among the step's prompts (default 0, 1, ...). Every rollout is
     seeded on its own from (seed, step, group, j) (`ParallelDecoder.decode(seeds=...)`), so it does not
-    depend on which other rollouts share its batch: a run split over ranks (`twlib.distributed_pgrpo`,
+    depend on which other rollouts share its batch: a run split over ranks (`twlib.train.pgrpo_fsdp`,
     each rank decoding its own groups) draws exactly the rollouts of a single process. `engine` defaults to
     a fresh HFEngine over `model` (no KV from before the last weight update); any `Engine` works.
     """
@@ -320,7 +322,7 @@ def rollout_metrics(rollouts: Sequence[Rollout], k: int) -> dict:
         "accuracy": sum(r.reward.correct for r in rollouts) / n,
         "parallel_rate": sum(r.result.stats.blocks > 0 for r in rollouts) / n,
         "eta": sum(r.result.stats.eta for r in rollouts) / n,
-        "speedup": sum(r.result.stats.speedup for r in rollouts) / n,
+        "speedup": sum(r.result.stats.self_parallelism for r in rollouts) / n,
         "critical_path": sum(r.result.stats.longest for r in rollouts) / n,
         "total_tokens": sum(r.result.stats.total for r in rollouts) / n,
         "truncation_rate": sum(any(f in TRUNCATION_FLAGS for f in r.result.flags) for r in rollouts) / n,
@@ -392,7 +394,7 @@ def update(model, optimizer, batch: PolicyBatch, config: PGRPOConfig, mask_kind:
 
 def make_optimizer(model, config: PGRPOConfig):
     """AdamW (no decay on embeddings and 1-d parameters) and the schedule: linear warm-up over
-    `warmup` x steps, then constant. Shared with twlib.distributed_pgrpo (where `model` is the FSDP root)."""
+    `warmup` x steps, then constant. Shared with twlib.train.pgrpo_fsdp (where `model` is the FSDP root)."""
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                   betas=tuple(config.betas))
     warmup_steps = round(config.warmup * config.steps)
@@ -411,10 +413,6 @@ def step_line(row: dict, steps: int) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def _truncate_metrics(path: Path, upto_step: int) -> None:  # twlib.distributed_pgrpo's name (issue 14: goes with its move)
-    truncate_metrics(path, upto_step, METRICS_FIELDS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -573,7 +571,7 @@ def main_args(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m twlib.pgrpo", description=__doc__.split("\n")[0]))
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m twlib.train.pgrpo", description=__doc__.split("\n")[0]))
     return main_args(parser.parse_args(argv))
 
 

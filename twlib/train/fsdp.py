@@ -1,14 +1,14 @@
 """FSDP2 for the trainers: the process group, sharding, loading on rank 0, sharded checkpoints, the final save.
 
-`twlib.sft` (and `twlib.distributed_pgrpo`) run their loop over these when launched with torchrun:
+`twlib.train.sft` (and `twlib.train.pgrpo_fsdp`) run their loop over these when launched with torchrun:
 
-    torchrun --nproc_per_node 8 -m twlib.sft --config configs/qwen3-8b-sft.yaml [--resume]
-    torchrun --nproc_per_node 2 -m twlib.sft --config configs/tiny-parallel.yaml --set device=cpu
-    python -m twlib.sft --config CONFIG --fsdp          (no torchrun: FSDP2 in one process, world size 1)
+    torchrun --nproc_per_node 8 -m twlib.train.sft --config configs/qwen3-8b-sft.yaml [--resume]
+    torchrun --nproc_per_node 2 -m twlib.train.sft --config configs/tiny-parallel.yaml --set device=cpu
+    python -m twlib.train.sft --config CONFIG --fsdp          (no torchrun: FSDP2 in one process, world size 1)
 
 Design choices
 - FSDP2 (`torch.distributed.fsdp.fully_shard`): one unit per decoder layer, plus a root unit. The root is
-  a small module whose forward IS the loss of a micro-batch (`twlib.sft.TrieLoss`; P-GRPO passes its own):
+  a small module whose forward IS the loss of a micro-batch (`twlib.train.sft.TrieLoss`; P-GRPO passes its own):
   `twlib.trie.logprobs` calls the decoder body and the LM head separately, so the HF model's own forward
   never runs; making the loss the root's forward is what lets the root's hooks all-gather the embedding,
   final norm and LM head (tied weights stay in one unit).
@@ -205,7 +205,7 @@ def precision(config, device: torch.device):
 
 def shard(model, ranks: Ranks, mask_kind: str, launch: Launch, mp_policy, root) -> torch.nn.Module:
     """Wrap the model in `root` (a loss module class taking (model, mask_kind, logits, logits_chunk):
-    twlib.sft.TrieLoss, or twlib.distributed_pgrpo's) and apply fully_shard: each decoder layer, then the
+    twlib.train.sft.TrieLoss, or twlib.train.pgrpo_fsdp's) and apply fully_shard: each decoder layer, then the
     root. The one place where a model becomes FSDP2 units."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -305,7 +305,7 @@ def shard_from_rank0(full, model_config, ranks: Ranks, rt, storage_dtype: torch.
                      root, trainable: bool = True):
     """(sharded root module, LoadReport): every rank builds `model_config` on the meta device, shards it
     (`shard`), allocates its own shards only and receives rank 0's weights from `full` (None elsewhere).
-    `trainable=False`: a frozen copy in eval mode (the KL reference of twlib.distributed_pgrpo)."""
+    `trainable=False`: a frozen copy in eval mode (the KL reference of twlib.train.pgrpo_fsdp)."""
     model = meta_model_like(model_config, rt.attn, storage_dtype)
     if trainable:
         model.train()
@@ -357,8 +357,6 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     dist.all_reduce(t)
     return t.tolist()
 
-
-_all_sum = all_sum  # the name twlib.distributed_pgrpo still uses (issue 14: renamed with its move)
 
 
 def global_trained(rows: PackedTrie, chosen: torch.Tensor, mine: torch.Tensor, device: torch.device) -> int:
@@ -483,7 +481,3 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
                           logits_chunk=args.logits_chunk, offload=args.offload,
                           max_position_embeddings=args.max_position_embeddings)
 
-
-# The names twlib.distributed_pgrpo still uses (issue 14: renamed there when it moves).
-_clip, _with_device, _save_checkpoint, _load_checkpoint, _save_final = (
-    clip_gradients, with_device, save_dcp_checkpoint, load_dcp_checkpoint, save_final)

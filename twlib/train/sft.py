@@ -1,7 +1,7 @@
 """Supervised fine-tuning: trie SFT of parallel trajectories, the sequential baseline and the leakage ablation.
 
     python -m twlib sft --config configs/tiny-parallel.yaml [--set lr=1e-3 --set max_steps=50] [--resume]
-    torchrun --nproc_per_node 8 -m twlib.sft --config configs/qwen3-8b-sft.yaml      (FSDP2 over 8 ranks)
+    torchrun --nproc_per_node 8 -m twlib.train.sft --config configs/qwen3-8b-sft.yaml      (FSDP2 over 8 ranks)
 
 One training loop, three ways to turn a problem into a training row (`mode`):
 
@@ -45,7 +45,7 @@ Design choices, and where we deviate from the reference
 - ONE loop for one process and for N ranks (`train`): the loop asks a run object for this rank's share
   of the step's rows, the step's global trained-token count, the clipped global grad norm, and for
   checkpoints. `LocalRun` (world size 1, the default) trains the plain model; `FSDPRun` (under torchrun,
-  or `--fsdp`) shards it with FSDP2 (twlib.distributed). Both build the same rows in the same order and
+  or `--fsdp`) shards it with FSDP2 (twlib.train.fsdp). Both build the same rows in the same order and
   divide by the same N, so 2 ranks reproduce the one-process curve (tests/test_distributed.py).
 - Rows are built once, deterministically: one trie per trajectory, first-fit-decreasing packed into rows
   of at most `tokens_per_batch` trie tokens (`twlib.trie.collate`), so a "row" is what the reference calls
@@ -92,12 +92,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from twlib import distributed as fsdp
+from twlib.train import fsdp as fsdp
 from twlib.checkpoint import (console, find_checkpoint, fork_rng, load_checkpoint_state, load_tokenizer, resolve_runtime,
                               torch_threads)
 from twlib.config import MODES, ConfigError, DataError, SFTConfig, apply_overrides, load_config, save_config
 from twlib.metrics import MetricsLog
-from twlib.plan import add_dry_run_argument, print_dry_run
+from twlib.infra.planner import add_dry_run_argument, print_dry_run
 from twlib.train.data import (build_rows, build_trajectories, epoch_order, eval_problems, fingerprint, get_task_config,
                               load_problems, select_rows, steps_per_epoch, trajectory_pairs, training_rows)
 from twlib.train.runs import FSDPRun, LocalRun
@@ -510,5 +510,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     code = main()
     if fsdp.in_torchrun():
-        fsdp.exit_process(code)  # skip torch's teardown race once the results are saved (twlib.distributed)
+        fsdp.exit_process(code)  # skip torch's teardown race once the results are saved (twlib.train.fsdp)
     sys.exit(code)
