@@ -460,10 +460,12 @@ def count_path(tokens: list[str]) -> PathStats:
     if lengths is not None:  # unclosed block: close it at the end of the text
         sequential += max(lengths, default=0)
 
+    # T = every response token;  L = sequential tokens + sum over blocks of max over threads |body|
     total, longest = len(tokens), sequential
+    # eta = 1 - L / T  (the fraction of tokens off the critical path);  self-parallelism = T / L
     eta = 1.0 - longest / total if total else 0.0
-    speedup = total / longest if longest else 1.0
-    return PathStats(total, longest, eta, speedup, blocks, threads)
+    parallelism = total / longest if longest else 1.0
+    return PathStats(total, longest, eta, parallelism, blocks, threads)
 
 
 def path_stats(token_ids_or_text, tokenizer=None) -> PathStats:
