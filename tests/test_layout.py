@@ -25,15 +25,12 @@ MAX_FUNCTION_LINES = 80
 LONG_MODULES: dict[str, str] = {
     "twlib.tasks": "a lesson module (task generators, trajectories, graders) that issue 15's notebook work was "
                    "rewriting while issue 14 ran; split it per task next",
-    "twlib.train.pgrpo_fsdp": "the FSDP2 P-GRPO loop, under change by issue 13 (vLLM weight sync) while issue 14 "
-                              "ran; it merges into twlib.train.pgrpo's loop next, as twlib.train.sft's two did",
 }
 # "module.function" -> why it may be longer than MAX_FUNCTION_LINES
 LONG_FUNCTIONS: dict[str, str] = {
     "twlib.decoding._machine": "the 5-phase state machine, read as one function beside notebook 03 (a lesson "
                                "module of issue 15)",
     "twlib.viz.token_view_figure": "one plotly figure built in order (a lesson module of issue 15)",
-    "twlib.train.pgrpo_fsdp._train": "see LONG_MODULES: split when it merges with twlib.train.pgrpo",
 }
 
 

@@ -98,3 +98,17 @@ def test_the_pgrpo_trainer_logs_its_rows_to_tensorboard(tmp_path):
     out = next(p.parent for p in tmp_path.rglob("metrics.csv"))
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [s for s, _ in scalars(out, "reward")] == [int(r["step"]) for r in rows] == [1, 2]
+
+
+def test_the_distributed_pgrpo_trainer_logs_its_rows_through_metrics_log(tmp_path):
+    """The FSDP loop (1 rank, in process) writes its rows through MetricsLog: csv and TensorBoard agree."""
+    pytest.importorskip("tensorboard")
+    from test_distributed_pgrpo import config
+
+    from twlib.train import pgrpo_fsdp
+
+    out = tmp_path / "run"
+    pgrpo_fsdp.train(config(out, steps=2, prompts_per_step=2, checkpoint_every=0, tensorboard=True), quiet=True)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [s for s, _ in scalars(out, "reward")] == [int(r["step"]) for r in rows] == [1, 2]
+    assert scalars(out, "loss") == [(int(r["step"]), round(float(r["loss"]), 6)) for r in rows]

@@ -127,7 +127,7 @@ def policy_pairs(model):
 
 @pytest.fixture(scope="module")
 def rollouts(setup, tmp_path_factory):
-    from twlib.train.pgrpo_fsdp import VLLMRollouts
+    from twlib.train.rollouts import VLLMRollouts
 
     tok = setup[0]
     engine = VLLMRollouts(str(POLICY), tok, CPU, tmp_path_factory.mktemp("sync"), dtype="float32",
@@ -203,7 +203,7 @@ def server(tmp_path_factory):
 def test_vllm_serve_equals_hf_engine_and_takes_weights_over_http(setup, server, tmp_path):
     import torch.distributed as dist
 
-    from twlib.train.pgrpo_fsdp import ServerRollouts
+    from twlib.train.rollouts import ServerRollouts
 
     tok, prompts, models, expected = setup
     remote = ServerRollouts([server], tok, tmp_path / "sync", CPU, "vllm", weight_api="vllm")
@@ -225,6 +225,7 @@ def test_distributed_pgrpo_with_vllm_rollouts_syncs_every_step(setup, tmp_path, 
     from transformers import AutoModelForCausalLM
 
     from twlib.train import pgrpo_fsdp
+    from twlib.train import rollouts as rollout_engines
     from twlib.train.pgrpo import load_pgrpo_config
 
     tok, prompts, _, _ = setup
@@ -236,14 +237,14 @@ def test_distributed_pgrpo_with_vllm_rollouts_syncs_every_step(setup, tmp_path, 
         "rollout_batch=16",
         "lr=3e-4", "device=cpu", "checkpoint_every=0"])
     engines = []
-    real = pgrpo_fsdp.VLLMRollouts
+    real = rollout_engines.VLLMRollouts
 
     class Recorded(real):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             engines.append(self)
 
-    monkeypatch.setattr(pgrpo_fsdp, "VLLMRollouts", Recorded)
+    monkeypatch.setattr(rollout_engines, "VLLMRollouts", Recorded)  # where make_rollouts looks it up
     result = pgrpo_fsdp.train(config, rollout="vllm", quiet=True,
                                      vllm_kwargs={"max_model_len": 2048, "dtype": "float32"})
     assert result.steps == 2 and result.rollout == "vllm"

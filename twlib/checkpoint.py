@@ -230,6 +230,17 @@ def save_model(model, tokenizer, path: Path) -> None:
         tokenizer.save_pretrained(str(path))
 
 
+def save_final_model(out_dir: Path, model, tokenizer, config, config_file: str) -> Path:
+    """`out_dir/final`: the model, tokenizer and the config (as `config_file`), swapped in by a rename."""
+    final_dir, tmp = Path(out_dir) / "final", Path(out_dir) / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, tmp)
+    save_config(config, tmp / config_file)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.replace(tmp, final_dir)
+    return final_dir
+
+
 def swap_into_place(tmp: Path, final: Path, old: Path) -> None:
     """Commit a fully written checkpoint: final -> old, tmp -> final, drop old. Every state is loadable."""
     if final.exists():

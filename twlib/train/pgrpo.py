@@ -31,14 +31,13 @@ Design choices, and where we deviate from the reference
       KL_n = exp(ref_n - logp_n) - (ref_n - logp_n) - 1, counted once per occurrence, / N.
 - The sequential baseline gets ordinary GRPO through the same code (`mode="sequential"`: one call per
   rollout, the trie of a group is then a plain prefix tree of k chains).
-- Rollouts use `HFEngine` in process (a fresh engine each step: its prefix cache never survives a weight
-  update). Every rollout is sampled with its own seed, from (seed, step, group, j), and prompts are drawn
-  from (seed, step) alone, so a resumed run repeats exactly the steps an uninterrupted run would take
-  (tested: same weights), and a run split over ranks draws the same rollouts (`twlib.train.pgrpo_fsdp`,
-  which shares this module's rollouts, batches and loss, and adds FSDP2 and weight-synced engines).
-- Diagnostics per step (metrics.csv, progress bar): reward mean, mean in-group reward std, fraction of
-  groups with zero std (no learning signal), accuracy, parallel rate, mean eta, mean self-parallelism,
-  mean critical path and total tokens, truncation rate, loss, grad norm, seconds for rollouts/update.
+- ONE loop (`run_steps`) for one process (`LocalPolicy`: `HFEngine` on the model, a fresh engine each step
+  so no prefix cache survives an update) and for one rank of N (`twlib.train.pgrpo_fsdp.FSDPPolicy`: FSDP2,
+  weight-synced engines). Every rollout is sampled with its own seed, from (seed, step, group, j), and
+  prompts are drawn from (seed, step) alone, so a resumed run repeats exactly the steps an uninterrupted
+  run would take and N ranks draw the same rollouts as one process (both tested: same weights).
+- Diagnostics per step: `METRICS_FIELDS` (metrics.csv, TensorBoard with `tensorboard: true`, progress bar);
+  zero_std_groups is the fraction of groups without a learning signal.
 """
 
 from __future__ import annotations
@@ -46,9 +45,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
-import shutil
 import sys
 import time
 import warnings
@@ -61,9 +58,9 @@ import torch
 from twlib.decoding import DecodeConfig, DecodeResult, HFEngine, ParallelDecoder, SamplingParams, sequential_decoder
 from twlib.rewards import Reward, score
 from twlib.checkpoint import (console, find_checkpoint, fork_rng, load_base_model, load_checkpoint_state,
-                              load_tokenizer, resolve_runtime, save_checkpoint, save_model, set_rng_state,
-                              torch_threads, truncate_metrics)
-from twlib.config import PACKINGS, ConfigError, PGRPOConfig, load_pgrpo_config, save_config
+                              load_tokenizer, resolve_runtime, save_checkpoint, save_final_model, set_rng_state,
+                              torch_threads)
+from twlib.config import PACKINGS, ConfigError, PGRPOConfig, load_pgrpo_config
 from twlib.metrics import MetricsLog
 from twlib.infra.planner import add_dry_run_argument, print_dry_run
 from twlib.train.sft import param_groups
@@ -248,10 +245,6 @@ def batch_logprobs(model, batch: PolicyBatch, mask_kind: str = "bool") -> torch.
 
 
 # ----------------------------------------------------------------------------------------------------
-# Configuration
-
-
-# ----------------------------------------------------------------------------------------------------
 # Rollouts
 
 
@@ -412,10 +405,6 @@ def step_line(row: dict, steps: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-# ----------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -429,13 +418,6 @@ class PGRPOResult:
     last: dict  # metrics of the last step
     model: object = field(default=None, repr=False)
     tokenizer: object = field(default=None, repr=False)
-
-
-def train(config: PGRPOConfig, on_step: Callable[[int, dict], None] | None = None, quiet: bool = False,
-          source: str | None = None) -> PGRPOResult:
-    """Run P-GRPO (or GRPO for mode="sequential") as configured; `on_step(step, metrics)` after each step."""
-    with torch_threads(config.threads):
-        return _train(config, on_step, quiet, source)
 
 
 def _load_models(config: PGRPOConfig, rt, checkpoint: Path | None):
@@ -452,38 +434,88 @@ def _load_models(config: PGRPOConfig, rt, checkpoint: Path | None):
     return tokenizer, model, ref_model
 
 
-def _step(config: PGRPOConfig, model, ref_model, tokenizer, optimizer, scheduler, pool, step: int,
-          mask_kind: str) -> dict:
-    """One P-GRPO step: the step's prompts, rollouts (RNG forked), the weighted trie batch, one update."""
+class LocalPolicy:
+    """World size 1 for `run_steps` (`twlib.train.pgrpo_fsdp.FSDPPolicy` is one rank of N): the plain model,
+    rolled out by `HFEngine` on itself, `save_pretrained` checkpoints with optimizer and RNG state."""
+
+    world, rank, main = 1, 0, True
+
+    def __init__(self, config: PGRPOConfig, model, ref_model, tokenizer, mask_kind: str):
+        self.config, self.model, self.ref_model = config, model, ref_model
+        self.tokenizer, self.mask_kind = tokenizer, mask_kind
+
+    def rollouts(self, problems, step: int) -> tuple[list[Rollout], list[Rollout]]:  # (this rank's, everyone's)
+        self.model.eval()
+        with fork_rng():  # sampling leaves the training RNG alone
+            rollouts = collect_rollouts(self.model, self.tokenizer, problems, self.config, step)
+        self.model.train()
+        return rollouts, rollouts
+
+    def batch(self, rollouts: list[Rollout]) -> PolicyBatch:
+        return build_batch(rollouts, self.config.packing, max_tokens=self.config.tokens_per_batch,
+                           pad_id=self.tokenizer.pad_token_id or 0)
+
+    def update(self, optimizer, batch: PolicyBatch, problems) -> dict:
+        return update(self.model, optimizer, batch, self.config, self.mask_kind, self.ref_model)
+
+    def synced(self) -> None:
+        pass  # the rollouts decode the trained model itself
+
+    def all_sum(self, values: list) -> list:
+        return values
+
+    def save_checkpoint(self, out_dir: Path, optimizer, scheduler, done: int) -> None:
+        save_checkpoint(out_dir, self.model, self.tokenizer, optimizer, scheduler, {"step": done}, self.config)
+
+
+def policy_step(run, config: PGRPOConfig, optimizer, scheduler, pool, step: int) -> dict:
+    """One step on `run` (LocalPolicy or FSDPPolicy): prompts, rollouts, trie batch, update; its metrics row."""
     t0 = time.perf_counter()
     problems = step_prompts(pool, config, step)
-    model.eval()
-    with fork_rng():
-        rollouts = collect_rollouts(model, tokenizer, problems, config, step)
+    rollouts, everyone = run.rollouts(problems, step)
     t1 = time.perf_counter()
-    model.train()
-    row = {"step": step + 1, **rollout_metrics(rollouts, config.rollouts_per_prompt),
+    row = {"step": step + 1, **rollout_metrics(everyone, config.rollouts_per_prompt),
            "lr": optimizer.param_groups[0]["lr"]}
-    batch = build_batch(rollouts, config.packing, max_tokens=config.tokens_per_batch,
-                        pad_id=tokenizer.pad_token_id or 0)
-    row.update(update(model, optimizer, batch, config, mask_kind, ref_model))
+    batch = run.batch(rollouts)
+    row.update(run.update(optimizer, batch, problems))
     step_schedule(scheduler)
-    row.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1, trie_tokens=batch.rows.num_tokens,
-               completion_tokens=batch.n_tokens)
+    run.synced()
+    trie_tokens, completion = run.all_sum([batch.rows.num_tokens, batch.n_tokens] if batch is not None else [0, 0])
+    row.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1, trie_tokens=int(trie_tokens),
+               completion_tokens=int(completion))
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
 
 
-def _save_final(out_dir: Path, model, tokenizer, config: PGRPOConfig) -> Path:
-    """`out_dir/final`: the model, tokenizer and pgrpo_config.yaml, swapped in by a rename."""
-    final_dir, tmp = out_dir / "final", out_dir / ".final.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(model, tokenizer, tmp)
-    save_config(config, tmp / "pgrpo_config.yaml")
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
-    return final_dir
+def run_steps(run, config: PGRPOConfig, optimizer, scheduler, pool, start: int, out_dir: Path, log,
+              on_step=None, bar=None) -> tuple[dict | None, dict | None]:
+    """The loop, for one process or one rank of N: each step's row to metrics.csv (and TensorBoard; the main
+    rank writes the global rows), checkpoints, `on_step(done, row)`. Returns this run's (first, last) row."""
+    first = last = None
+    with MetricsLog(out_dir, METRICS_FIELDS, start_step=start, tensorboard=config.tensorboard,
+                    enabled=run.main) as metrics:
+        for step in range(start, config.steps):
+            row = policy_step(run, config, optimizer, scheduler, pool, step)
+            metrics.write(row)
+            first, last = first or row, row
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}",
+                                eta=f"{row['eta']:.3f}")
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                log(step_line(row, config.steps))
+            done = step + 1
+            if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
+                run.save_checkpoint(out_dir, optimizer, scheduler, done)
+            if on_step is not None:
+                on_step(done, row)
+    return first, last
+
+
+def train(config: PGRPOConfig, on_step: Callable[[int, dict], None] | None = None, quiet: bool = False,
+          source: str | None = None) -> PGRPOResult:
+    """Run P-GRPO (or GRPO for mode="sequential") as configured; `on_step(step, metrics)` after each step."""
+    with torch_threads(config.threads):
+        return _train(config, on_step, quiet, source)
 
 
 def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGRPOResult:
@@ -515,29 +547,14 @@ def _train(config: PGRPOConfig, on_step, quiet: bool, source: str | None) -> PGR
         f"reward={config.acceleration} std_normalize={config.std_normalize} device={rt.device}")
     bar = tqdm(total=config.steps, initial=start, disable=not log.progress, dynamic_ncols=True,
                desc=f"pgrpo {config.mode}")
-    first = last = None
-    with MetricsLog(out_dir, METRICS_FIELDS, start_step=start, tensorboard=config.tensorboard) as metrics:
-        for step in range(start, config.steps):
-            row = _step(config, model, ref_model, tokenizer, optimizer, scheduler, pool, step, rt.mask_kind)
-            metrics.write(row)
-            first = first or row
-            last = row
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}", eta=f"{row['eta']:.3f}")
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                log(step_line(row, config.steps))
-            done = step + 1
-            if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
-                save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, {"step": done}, config)
-            if on_step is not None:
-                on_step(done, row)
+    run = LocalPolicy(config, model, ref_model, tokenizer, rt.mask_kind)
+    first, last = run_steps(run, config, optimizer, scheduler, pool, start, out_dir, log, on_step, bar)
     bar.close()
-    final_dir = _save_final(out_dir, model, tokenizer, config)
+    final_dir = save_final_model(out_dir, model, tokenizer, config, "pgrpo_config.yaml")
     result = PGRPOResult(config.steps, str(final_dir), str(out_dir), time.perf_counter() - wall, first or {},
                          last or {}, model, tokenizer)
-    (out_dir / "result.json").write_text(json.dumps(
-        {"steps": result.steps, "final_dir": result.final_dir, "wall_s": result.wall_s, "first": result.first,
-         "last": result.last}, indent=1))
+    saved = ("steps", "final_dir", "wall_s", "first", "last")
+    (out_dir / "result.json").write_text(json.dumps({key: getattr(result, key) for key in saved}, indent=1))
     log(f"done: {config.steps} steps in {result.wall_s / 60:.1f} min -> {final_dir}")
     return result
 

