@@ -3,7 +3,7 @@
 import csv
 
 from twlib.cli import main
-from twlib.tasks import load_parquet
+from twlib.infra.problems import load_parquet
 
 
 def test_demo_small(tmp_path, capsys):

@@ -310,7 +310,7 @@ def test_config_errors_name_the_field(tmp_path):
 
 def test_prompt_pool_from_a_jsonl_file(tmp_path, capsys):
     from twlib.cli import main as cli
-    from twlib.tasks import load_parquet, problems_from_jsonl
+    from twlib.infra.problems import load_parquet, problems_from_jsonl
 
     good = tmp_path / "rl.jsonl"
     good.write_text('{"problem": "What is 2+3?", "answer": "5"}\n\n{"problem": "Half of 8?", "answer": 4}\n')

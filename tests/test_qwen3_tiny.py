@@ -175,7 +175,7 @@ def test_prepare_model_preset_errors_name_the_problem(work, tmp_path, capsys):
 
 def test_data_and_prompts_are_chat_templated(data):
     from twlib.format import parse
-    from twlib.tasks import load_parquet
+    from twlib.infra.problems import load_parquet
 
     train, pool = load_parquet(data / "multiply-train.parquet"), load_parquet(data / "math-prompts.parquet")
     assert len(train) == 2 and len(load_parquet(data / "multiply-eval.parquet")) == 2
@@ -192,7 +192,8 @@ def test_math_verify_grades_the_pool(data):
     """The pool's answers reach math-verify: equivalent forms are right, wrong ones are not, and exact match
     would have rejected the equivalent forms (so the grader in use is math-verify, not string equality)."""
     from twlib.rewards import RewardConfig, score
-    from twlib.tasks import grade, load_parquet
+    from twlib.tasks import grade
+    from twlib.infra.problems import load_parquet
 
     config = RewardConfig(task="math")
     for p in load_parquet(data / "math-prompts.parquet"):
@@ -251,7 +252,7 @@ def test_state_machine_decodes_chat_prompts(work, sft_run, data):
     from transformers import AutoModelForCausalLM
 
     from twlib.decoding import DecodeConfig, HFEngine, ParallelDecoder
-    from twlib.tasks import load_parquet
+    from twlib.infra.problems import load_parquet
 
     tok = tokenizer_of(sft_run / "final")
     model = AutoModelForCausalLM.from_pretrained(str(sft_run / "final"))

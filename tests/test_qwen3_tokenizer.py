@@ -309,7 +309,7 @@ def test_chat_prompt_and_example_render_as_the_reference(qwen3_tokenizer, prepar
 
 def test_prompts_and_data_commands_with_chat_template(qwen3_tokenizer_dir, tmp_path, capsys):
     from twlib.cli import main
-    from twlib.tasks import load_parquet
+    from twlib.infra.problems import load_parquet
 
     jsonl = tmp_path / "pool.jsonl"
     jsonl.write_text(json.dumps({"problem": "What is 2+2?", "answer": "4"}) + "\n")

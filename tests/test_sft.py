@@ -19,7 +19,8 @@ from twlib.cli import main as cli_main
 from twlib.format import engine_calls
 from twlib.models import build_model
 from twlib.train.sft import ConfigError, DataError, SFTConfig, load_config, train
-from twlib.tasks import generate, save_parquet
+from twlib.tasks import generate
+from twlib.infra.problems import save_parquet
 from twlib.tokenizer import build_tokenizer
 from twlib.trie import IGNORE, sequence_logprobs, tokenize_calls
 

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 
 from twlib.format import path_stats
 from twlib import tasks
+from twlib.eval import format_ceiling, oracle_ceiling
+from twlib.infra.problems import from_dataset, load_parquet, save_parquet, to_dataset
 from twlib.tasks import (
-    TASKS, GroupSumConfig, MultiplyConfig, Problem, extract_answer, generate, get_task, grade, load_parquet,
-    make_splits, oracle_ceiling, save_parquet, split, to_dataset,
+    TASKS, GroupSumConfig, MultiplyConfig, Problem, extract_answer, generate, get_task, grade, make_splits, split,
 )
 
 TAGS = ["<think>", "</think>", "<Parallel>", "</Parallel>", "<Outlines>", "</Outlines>",
@@ -311,7 +312,7 @@ def test_token_lengths(gs):
 def test_oracle_ceiling_default_mix(gs):
     c = oracle_ceiling(gs)
     print()
-    print(tasks.format_ceiling(c))
+    print(format_ceiling(c))
     print(c["lengths"])
     assert c["self_parallelism"] >= 1.5
     assert c["speedup"] >= 1.5
@@ -464,6 +465,6 @@ def test_parquet_round_trip(task, tmp_path):
     ds = to_dataset(probs)
     assert len(ds) == 40 and set(ds.column_names) == {"id", "task", "question", "prompt", "sequential",
                                                        "parallel", "answer", "meta"}
-    assert tasks.from_dataset(ds) == probs
+    assert from_dataset(ds) == probs
 
 

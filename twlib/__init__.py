@@ -16,7 +16,8 @@ Trainers:
 Infrastructure:
 - `twlib.engines`: `OpenAICompletionsEngine` (any /v1/completions server), `VLLMEngine`.
 - `twlib.infra.server` (`serve_hf`), `twlib.infra.plan` / `.sizes` / `.planner` (estimates, dry runs),
-  `twlib.infra.chat` / `.rewrite` / `.arc` (data-generation I/O, self-training, the arc).
+  `twlib.infra.chat` / `.rewrite` / `.arc` (data-generation I/O, self-training, the arc),
+  `twlib.infra.problems` (Parquet, `datasets`, JSON-lines prompt pools).
 - `twlib.hub`, `twlib.prepare`, `twlib.vllm_weights`; `twlib.pipeline` (the main job); `twlib.cli`:
   `python -m twlib demo | pipeline | sft | pgrpo | eval | data | prompts | plan | prepare-model | rewrite | arc | serve`
   (`--help` and `--version` import no torch).

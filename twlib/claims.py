@@ -91,7 +91,7 @@ def judge(final: Sequence[ProblemResult], sequential: Sequence[ProblemResult], c
           rules: ClaimRules = ClaimRules()) -> list[Claim]:
     """C1, C2 on the final parallel model vs the sequential one; C3 on the step from `sft` to `final`.
 
-    `ceiling`: the oracle's mean speed-up on the same problems (`twlib.tasks.oracle_ceiling`).
+    `ceiling`: the oracle's mean speed-up on the same problems (`twlib.eval.oracle_ceiling`).
     `wall`: (parallel rows, sequential rows) decoded one problem at a time, or None.
     """
     acc_p, acc_s = accuracy(final), accuracy(sequential)

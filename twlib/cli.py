@@ -38,7 +38,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def build_data(task: str, n_train: int, n_eval: int, seed: int, out: Path, chat_tokenizer=None) -> tuple[list, list]:
-    from twlib.tasks import make_splits, save_parquet
+    from twlib.tasks import make_splits
+    from twlib.infra.problems import save_parquet
 
     train, evals = make_splits(task, n_train, n_eval, seed)
     if chat_tokenizer is not None:  # prompts and responses as the chat template renders them
@@ -81,7 +82,7 @@ def trie_stats(problems, tokenizer, budgets=(1024, 4096)) -> tuple[list[dict], d
 
 
 def demo(args) -> int:
-    from twlib.tasks import format_ceiling, oracle_ceiling
+    from twlib.eval import format_ceiling, oracle_ceiling
     from twlib.tokenizer import build_tokenizer
 
     out = Path(args.out)
@@ -137,7 +138,7 @@ def data(args) -> int:
 
 
 def prompts(args) -> int:
-    from twlib.tasks import problems_from_jsonl, save_parquet
+    from twlib.infra.problems import problems_from_jsonl, save_parquet
 
     try:
         if args.chat_template and args.template != "{prompt}":
@@ -306,7 +307,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=data)
     p = sub.add_parser("prompts", help="a prompt pool (P-GRPO `data`) from a JSON-lines file of problem + answer")
     p.add_argument("--jsonl", required=True, help='one record per line, e.g. {"problem": ..., "answer": ...}')
-    p.add_argument("--out", required=True, help="Parquet to write (twlib.tasks.save_parquet)")
+    p.add_argument("--out", required=True, help="Parquet to write (twlib.infra.problems.save_parquet)")
     p.add_argument("--prompt-field", default="problem")
     p.add_argument("--answer-field", default="answer")
     p.add_argument("--id-field", default=None)

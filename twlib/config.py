@@ -327,7 +327,7 @@ class SFTConfig:
     model            preset name (`tiny`, `small`, `base`: from scratch, seeded by `seed`), a directory
                      written by `save_pretrained` (e.g. a previous run's `out_dir/final`) or a hub id
                      (`Qwen/Qwen3-0.6B`) already in the Hugging Face cache (twlib.hub; never downloaded)
-    task, data       problems: `data` = a Parquet path (`twlib.tasks.save_parquet`), or null to generate
+    task, data       problems: `data` = a Parquet path (`twlib.infra.problems.save_parquet`), or null to generate
                      `make_splits(task, n_train, n_eval, data_seed, task_options)` and train on its train
                      split (the eval split stays held out; `python -m twlib data` writes the same split).
                      With `data`, `n_train` (if set) keeps the first n problems.
@@ -476,7 +476,7 @@ class PGRPOConfig:
     mode               "parallel" (P-GRPO with the state machine) | "sequential" (GRPO, one call per rollout)
     task, n_train, n_eval, data_seed, task_options   the prompt pool: train split of make_splits (the eval
                        split is the same held-out set as SFT's)
-    data               a Parquet of Problems (`twlib.tasks.save_parquet`: prompt + answer) as the prompt pool
+    data               a Parquet of Problems (`twlib.infra.problems.save_parquet`: prompt + answer) as the prompt pool
                        instead (its first n_train); `task` then only names the grader: "groupsum",
                        "multiply" or "math" (math-verify, for the paper's math prompts)
     prompts_per_step, rollouts_per_prompt, steps

@@ -3,7 +3,7 @@
     python -m twlib.eval --model runs/qwen3-8b-pgrpo/final --data data/aime24.parquet --parallel \
         --max-new-tokens 40960 --url http://127.0.0.1:8000 --out runs/qwen3-8b-pgrpo/eval_parallel_aime24.csv
 
-The command line decodes a Parquet of problems (`twlib.tasks.save_parquet`: e.g. a benchmark written by
+The command line decodes a Parquet of problems (`twlib.infra.problems.save_parquet`: e.g. a benchmark written by
 `python -m twlib prompts --jsonl ... --chat-template MODEL`, or `python -m twlib data --chat-template`'s eval
 split) with the state machine (`--parallel`) or the sequential decoder, in process (HFEngine) or through a
 completions server (`--url`, e.g. `vllm serve`), grades each response with its problem's grader
@@ -20,6 +20,8 @@ Design choices
 - Wall-clock speed-up = total sequential seconds / total parallel seconds, one problem at a time (batch 1,
   the paper's setting), and its ratio to the token-latency speed-up (1.0 is the limit: the state machine
   cannot beat its critical path).
+- `oracle_ceiling`: the same statistics on a task's perfect trajectories (the generator's own sequential
+  and parallel responses), the speed-up a model that imitates them exactly would reach (claim C2's bar).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from twlib.tasks import extract_answer
+from twlib.tasks import TASKS, Problem, extract_answer
 
 
 @dataclass
@@ -200,6 +202,80 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# The oracle ceiling: critical-path statistics of a task's perfect trajectories
+
+def oracle_ceiling(problems: Sequence[Problem], by: str | None = None, tokenizer=None) -> dict:
+    """Critical-path statistics of the perfect trajectories (response tokens only; tags = 1 token).
+
+    - self_parallelism: mean over problems of total / longest of the parallel response.
+    - speedup: mean over problems of (sequential response tokens) / (parallel response longest path).
+    - per_size: the same per value of `meta[by]` (default: `k` for groupsum, `n_numbers` for multiply),
+      with counts, the fraction parallelised and mean token lengths.
+    - lengths: mean/max tokens of sequential and parallel responses, and max prompt + response.
+    Counts characters (plus one per tag), which is the tiny character-level tokenizer's count, or the
+    tokens of `tokenizer` when given (item tokens, a real BPE tokenizer).
+    """
+    from twlib.format import path_stats as _path_stats
+
+    def path_stats(text):
+        return _path_stats(text, tokenizer) if tokenizer is not None else _path_stats(text)
+
+    rows = []
+    for p in problems:
+        stats = path_stats(p.parallel)
+        total, longest = stats.total, stats.longest
+        seq = path_stats(p.sequential).total
+        key = by or (TASKS[p.task].ceiling_key if p.task in TASKS else None)
+        rows.append({
+            "size": p.meta.get(key) if key else None,
+            "parallel": p.parallel != p.sequential,
+            "seq": seq, "total": total, "longest": longest,
+            "prompt": path_stats(p.prompt).total,
+            "self_par": total / longest if longest else 1.0,
+            "speedup": seq / longest if longest else 1.0,
+        })
+
+    def summary(rs: list[dict]) -> dict:
+        if not rs:
+            return {"n": 0}
+        return {
+            "n": len(rs),
+            "frac_parallel": sum(r["parallel"] for r in rs) / len(rs),
+            "self_parallelism": statistics.fmean(r["self_par"] for r in rs),
+            "speedup": statistics.fmean(r["speedup"] for r in rs),
+            "mean_seq_tokens": statistics.fmean(r["seq"] for r in rs),
+            "mean_longest": statistics.fmean(r["longest"] for r in rs),
+            "mean_parallel_total": statistics.fmean(r["total"] for r in rs),
+        }
+
+    out = summary(rows)
+    sizes = sorted({r["size"] for r in rows}, key=lambda s: (s is None, s))
+    out["per_size"] = {s: summary([r for r in rows if r["size"] == s]) for s in sizes}
+    if rows:
+        out["lengths"] = {
+            "mean_seq": statistics.fmean(r["seq"] for r in rows),
+            "max_seq": max(r["seq"] for r in rows),
+            "mean_parallel": statistics.fmean(r["total"] for r in rows),
+            "max_parallel": max(r["total"] for r in rows),
+            "mean_prompt": statistics.fmean(r["prompt"] for r in rows),
+            "max_prompt_plus_response": max(r["prompt"] + max(r["seq"], r["total"]) for r in rows),
+        }
+    return out
+
+
+def format_ceiling(c: dict, by: str = "k") -> str:
+    """A small text table of `oracle_ceiling`'s result."""
+    lines = [f"{by:>6} {'n':>6} {'par%':>6} {'self-par':>9} {'speed-up':>9} {'seq tok':>8} {'longest':>8}"]
+    for s, r in list(c["per_size"].items()) + [("all", c)]:
+        if not r.get("n"):
+            continue
+        lines.append(f"{str(s):>6} {r['n']:>6} {100 * r['frac_parallel']:>5.0f}% {r['self_parallelism']:>9.3f} "
+                     f"{r['speedup']:>9.3f} {r['mean_seq_tokens']:>8.1f} {r['mean_longest']:>8.1f}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line: a Parquet of problems, decoded in process or through a server
 
@@ -207,7 +283,7 @@ def timed(fn, *args, **kwargs):
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="a save_pretrained folder (e.g. runs/x/final) or a hub id in "
                                                        "the Hugging Face cache; its tokenizer encodes the prompts")
-    parser.add_argument("--data", required=True, help="Parquet of problems (twlib.tasks.save_parquet): prompt, answer, "
+    parser.add_argument("--data", required=True, help="Parquet of problems (twlib.infra.problems.save_parquet): prompt, answer, "
                                                       "task (the grader)")
     parser.add_argument("--parallel", action="store_true", help="decode with the 5-phase state machine")
     parser.add_argument("--n", type=int, default=None, help="the first N problems (default: all)")
@@ -249,7 +325,7 @@ def run(args) -> list[ProblemResult]:
 
     from twlib.decoding import DecodeConfig, HFEngine, ParallelDecoder, sequential_decoder
     from twlib.hub import resolve_model
-    from twlib.tasks import load_parquet
+    from twlib.infra.problems import load_parquet
 
     for name in ("n", "batch_size", "max_new_tokens", "max_thread_tokens"):
         value = getattr(args, name)

@@ -139,7 +139,7 @@ def train_pgrpo(cfg: PipelineConfig) -> dict:
 def held_out(cfg: PipelineConfig):
     """The held-out problems of the stage configs, and the oracle ceiling of their fully parallel forms."""
     from twlib.train.sft import eval_problems, load_config
-    from twlib.tasks import oracle_ceiling
+    from twlib.eval import oracle_ceiling
 
     config = load_config(Path(cfg.configs) / "tiny-parallel.yaml", list(cfg.overrides))
     problems = eval_problems(config)[: cfg.n_eval]
@@ -282,7 +282,7 @@ def run(cfg: PipelineConfig, command: str = "python -m twlib pipeline") -> list[
 
 def _run(cfg: PipelineConfig, command: str, out: Path) -> list[dict]:
     from twlib.claims import claim_table
-    from twlib.tasks import format_ceiling
+    from twlib.eval import format_ceiling
 
     started = time.perf_counter()
     config, problems, ceiling = held_out(cfg)

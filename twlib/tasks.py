@@ -30,23 +30,21 @@ Design choices, and why
   includes single-group problems, which stay sequential.
 - No combine step: the answer lists the group results, so nothing after the block sits on the critical
   path but the answer itself (a combine line cost ~6 tokens per group on it).
-- Token counting for the oracle ceiling: `twlib.format.path_stats` (tags one token, every other
-  character one token; response tokens only).
+- The oracle ceiling of these trajectories (`twlib.eval.oracle_ceiling`) counts tokens with
+  `twlib.format.path_stats` (tags one token, every other character one token; response tokens only);
+  Parquet and JSON-lines files of problems: `twlib.infra.problems`.
 - Deterministic: one `random.Random(seed)` stream per call; ids hash the question, so they are stable.
 """
 
 from __future__ import annotations
 
 import hashlib
-from itertools import combinations
-import json
-from pathlib import Path
 import math
 import random
 import re
-import statistics
 import string
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from itertools import combinations
 from typing import Any, Callable, Sequence
 
 __all__ = [
@@ -61,10 +59,6 @@ __all__ = [
     "split",
     "extract_answer",
     "grade",
-    "oracle_ceiling",
-    "to_dataset",
-    "save_parquet",
-    "load_parquet",
     "make_groupsum_problem",
     "make_multiply_problem",
 ]
@@ -572,164 +566,3 @@ def split(problems: Sequence[Problem], n_eval: int, seed: int = 0) -> tuple[list
     train = [p for p in problems if p.question not in eval_q]
     evals = [p for p in problems if p.question in eval_q]
     return train, evals
-
-
-# ----------------------------------------------------------------------------------------------------
-# Oracle ceiling (critical-path statistics of the perfect trajectories)
-
-def oracle_ceiling(problems: Sequence[Problem], by: str | None = None, tokenizer=None) -> dict:
-    """Critical-path statistics of the perfect trajectories (response tokens only; tags = 1 token).
-
-    - self_parallelism: mean over problems of total / longest of the parallel response.
-    - speedup: mean over problems of (sequential response tokens) / (parallel response longest path).
-    - per_size: the same per value of `meta[by]` (default: `k` for groupsum, `n_numbers` for multiply),
-      with counts, the fraction parallelised and mean token lengths.
-    - lengths: mean/max tokens of sequential and parallel responses, and max prompt + response.
-    Counts characters (plus one per tag), which is the tiny character-level tokenizer's count, or the
-    tokens of `tokenizer` when given (item tokens, a real BPE tokenizer).
-    """
-    from twlib.format import path_stats as _path_stats
-
-    def path_stats(text):
-        return _path_stats(text, tokenizer) if tokenizer is not None else _path_stats(text)
-
-    rows = []
-    for p in problems:
-        stats = path_stats(p.parallel)
-        total, longest = stats.total, stats.longest
-        seq = path_stats(p.sequential).total
-        key = by or (TASKS[p.task].ceiling_key if p.task in TASKS else None)
-        rows.append({
-            "size": p.meta.get(key) if key else None,
-            "parallel": p.parallel != p.sequential,
-            "seq": seq, "total": total, "longest": longest,
-            "prompt": path_stats(p.prompt).total,
-            "self_par": total / longest if longest else 1.0,
-            "speedup": seq / longest if longest else 1.0,
-        })
-
-    def summary(rs: list[dict]) -> dict:
-        if not rs:
-            return {"n": 0}
-        return {
-            "n": len(rs),
-            "frac_parallel": sum(r["parallel"] for r in rs) / len(rs),
-            "self_parallelism": statistics.fmean(r["self_par"] for r in rs),
-            "speedup": statistics.fmean(r["speedup"] for r in rs),
-            "mean_seq_tokens": statistics.fmean(r["seq"] for r in rs),
-            "mean_longest": statistics.fmean(r["longest"] for r in rs),
-            "mean_parallel_total": statistics.fmean(r["total"] for r in rs),
-        }
-
-    out = summary(rows)
-    sizes = sorted({r["size"] for r in rows}, key=lambda s: (s is None, s))
-    out["per_size"] = {s: summary([r for r in rows if r["size"] == s]) for s in sizes}
-    if rows:
-        out["lengths"] = {
-            "mean_seq": statistics.fmean(r["seq"] for r in rows),
-            "max_seq": max(r["seq"] for r in rows),
-            "mean_parallel": statistics.fmean(r["total"] for r in rows),
-            "max_parallel": max(r["total"] for r in rows),
-            "mean_prompt": statistics.fmean(r["prompt"] for r in rows),
-            "max_prompt_plus_response": max(r["prompt"] + max(r["seq"], r["total"]) for r in rows),
-        }
-    return out
-
-
-def format_ceiling(c: dict, by: str = "k") -> str:
-    """A small text table of `oracle_ceiling`'s result."""
-    lines = [f"{by:>6} {'n':>6} {'par%':>6} {'self-par':>9} {'speed-up':>9} {'seq tok':>8} {'longest':>8}"]
-    for s, r in list(c["per_size"].items()) + [("all", c)]:
-        if not r.get("n"):
-            continue
-        lines.append(f"{str(s):>6} {r['n']:>6} {100 * r['frac_parallel']:>5.0f}% {r['self_parallelism']:>9.3f} "
-                     f"{r['speedup']:>9.3f} {r['mean_seq_tokens']:>8.1f} {r['mean_longest']:>8.1f}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Datasets and Parquet
-
-_COLUMNS = [f.name for f in fields(Problem)]
-
-
-def _records(problems: Sequence[Problem]) -> dict[str, list]:
-    cols: dict[str, list] = {c: [] for c in _COLUMNS}
-    for p in problems:
-        d = asdict(p)
-        d["meta"] = json.dumps(p.meta, sort_keys=True)
-        for c in _COLUMNS:
-            cols[c].append(d[c])
-    return cols
-
-
-def _from_record(r: dict) -> Problem:
-    return Problem(**{c: (json.loads(r[c]) if c == "meta" else r[c]) for c in _COLUMNS})
-
-
-def to_dataset(problems: Sequence[Problem]):
-    """A `datasets.Dataset` with one string column per field; `meta` is a JSON string."""
-    import datasets
-
-    features = datasets.Features({c: datasets.Value("string") for c in _COLUMNS})
-    return datasets.Dataset.from_dict(_records(problems), features=features)
-
-
-def from_dataset(ds) -> list[Problem]:
-    return [_from_record(r) for r in ds]
-
-
-def problems_from_jsonl(path, prompt_field: str = "problem", answer_field: str = "answer", task: str = "math",
-                        template: str = "{prompt}", id_field: str | None = None) -> list[Problem]:
-    """A prompt pool (P-GRPO's `data`, a self-training pool) from a JSON-lines file of records such as
-    `{"problem": "...", "answer": "..."}` (what the RL sets of the paper's lineage, e.g. DeepScaleR or
-    MATH, look like once exported with `datasets`' `to_json`). `template` wraps the prompt text
-    (`{prompt}`: e.g. a chat template with the thinking prefix). Responses are left empty.
-
-    Raises ValueError naming the file, line and field on a bad line; an empty file is an error too."""
-    if "{prompt}" not in template:
-        raise ValueError(f"template must contain '{{prompt}}' (got {template!r})")
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            for name in (prompt_field, answer_field):
-                value = record.get(name)
-                if value is None or (isinstance(value, str) and not value.strip()):
-                    raise ValueError(f"{path}:{n}: field {name!r} is missing or empty "
-                                     f"(fields here: {', '.join(sorted(record)) or 'none'})")
-            question = str(record[prompt_field])
-            pid = str(record[id_field]) if id_field and record.get(id_field) is not None else f"{Path(path).stem}-{n}"
-            problems.append(Problem(pid, task, question, template.replace("{prompt}", question), "", "",
-                                    str(record[answer_field]), {"source": str(path), "line": n}))
-    if not problems:
-        raise ValueError(f"{path}: no records")
-    return problems
-
-
-def save_parquet(problems: Sequence[Problem], path) -> None:
-    """Write problems to Parquet (string columns, `meta` as JSON)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols = _records(problems)
-    table = pa.table({c: pa.array(cols[c], type=pa.string()) for c in _COLUMNS})
-    pq.write_table(table, str(path))
-
-
-def load_parquet(path) -> list[Problem]:
-    """Read problems written by `save_parquet` (exact round trip)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(str(path))
-    missing = [c for c in _COLUMNS if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing}")
-    return [_from_record(r) for r in table.to_pylist()]

@@ -170,7 +170,8 @@ def _say(config: ArcConfig, text: str) -> None:
 
 def _arc_data(config: ArcConfig, out: Path) -> dict[str, list[Problem]]:
     from twlib.train.sft import get_task_config
-    from twlib.tasks import load_parquet, make_splits, save_parquet
+    from twlib.tasks import make_splits
+    from twlib.infra.problems import load_parquet, save_parquet
 
     names = ("seed", "pool", "eval")
     paths = {n: out / "data" / f"{n}.parquet" for n in names}
@@ -226,7 +227,7 @@ def _arc_eval(config: ArcConfig, name: str, checkpoint: Path, problems: Sequence
 
 
 def _arc_self_train(config: ArcConfig, checkpoint: Path, pool: Sequence[Problem]) -> dict:
-    from twlib.tasks import save_parquet
+    from twlib.infra.problems import save_parquet
 
     out = Path(config.out) / "self_train"
     if (out / "summary.json").is_file() and (out / "kept.parquet").is_file():
@@ -248,7 +249,7 @@ def run_arc(config: ArcConfig = ArcConfig()) -> dict:
     """First SFT on the seed set, self-training on the pool, second SFT on the kept trajectories; format
     correctness and accuracy on held-out problems after each SFT. Every stage is skipped when its output
     exists, so an interrupted arc continues (SFT resumes from its checkpoint). Writes `out/arc.json`."""
-    from twlib.tasks import load_parquet, save_parquet
+    from twlib.infra.problems import load_parquet, save_parquet
 
     out = Path(config.out)
     sets = _arc_data(config, out)

@@ -340,7 +340,7 @@ def trajectory_html(text: str, title: str = "") -> str:
 
 
 def _rewrite_command(args) -> int:
-    from twlib.tasks import load_parquet
+    from twlib.infra.problems import load_parquet
 
     problems = load_parquet(args.data)[: args.limit]
     chat = ChatConfig(base_url=args.url, model=args.model, api_key_env=args.api_key_env,
@@ -369,7 +369,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("rewrite", help="stage 1: rewrite sequential traces with a strong model (chat endpoint)")
     p.add_argument("--url", required=True, help="base URL of an OpenAI-compatible server (…/v1/chat/completions)")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="Parquet of Problems (twlib.tasks.save_parquet); .sequential is rewritten")
+    p.add_argument("--data", required=True, help="Parquet of Problems (twlib.infra.problems.save_parquet); .sequential is rewritten")
     p.add_argument("--out", default="runs/rewrite")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--concurrency", type=int, default=4)

@@ -22,7 +22,8 @@ import torch
 
 from twlib.config import ConfigError, DataError
 from twlib.format import FormatError, engine_calls, parse
-from twlib.tasks import get_task, load_parquet, make_splits
+from twlib.tasks import get_task, make_splits
+from twlib.infra.problems import load_parquet
 from twlib.tokenizer import require_single_token_tags
 from twlib.trie import PackedTrie, collate, pack, tokenize_calls
 
