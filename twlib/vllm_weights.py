@@ -151,19 +151,24 @@ def register() -> None:
 class PairsSource(WeightSource):
     """A `WeightSource` over a function that yields `(name, tensor)` pairs in a fixed order: the full
     tensors of an unsharded model, or the all-gathered shards of an FSDP2 one (a collective every rank
-    runs). `metadata()` is read off one pass's shapes without keeping the tensors."""
+    runs). `metadata()` is recorded during a pass: a pass may be a one-shot stream of collectives (the
+    rollout code hands over a fresh generator each step), so it is never iterated just to learn shapes."""
 
     def __init__(self, pairs: Callable[[], Iterable[tuple[str, torch.Tensor]]], dtype: torch.dtype | None = None):
         self.pairs, self.dtype = pairs, dtype
         self.meta: list[ParamMeta] | None = None
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        meta = []
         for name, tensor in self.pairs():
-            yield name, (tensor if self.dtype is None else tensor.to(self.dtype))
+            tensor = tensor if self.dtype is None else tensor.to(self.dtype)
+            meta.append(ParamMeta(name, tensor.dtype, tuple(tensor.shape)))
+            yield name, tensor
+        self.meta = meta
 
     def metadata(self) -> list[ParamMeta]:
-        if self.meta is None:
-            self.meta = [ParamMeta(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in self]
+        if self.meta is None:  # the backends used here (ipc, twlib_safetensors) never ask before a send
+            raise RuntimeError("PairsSource: metadata is known after the first send")
         return self.meta
 
 
